@@ -1,0 +1,40 @@
+"""Multi-scale deformable attention core: the pure-PyTorch path and the dispatcher to the compiled op."""
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
+    """Bilinearly sample every level at the given locations and sum the samples with the attention weights.
+
+    value:               [N, S, M, D]  (S = sum of H_l * W_l over levels, M heads of D channels)
+    value_spatial_shapes [L, 2]        (H_l, W_l) of each level
+    sampling_locations:  [N, Lq, M, L, P, 2]  (x, y) in [0, 1] of the level's map; outside samples are zero
+    attention_weights:   [N, Lq, M, L, P]
+    returns              [N, Lq, M * D]
+    Sampling follows grid_sample(align_corners=False): pixel centres sit at (i + 0.5) / size.
+    """
+    n, _, heads, channels = value.shape
+    _, num_queries, _, levels, points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in value_spatial_shapes.tolist()]
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample expects [-1, 1]
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        # [N, H*W, M, D] -> [N, M, D, H*W] -> [N*M, D, H, W]
+        value_l = value_per_level[level].permute(0, 2, 3, 1).reshape(n * heads, channels, h, w)
+        # [N, Lq, M, P, 2] -> [N, M, Lq, P, 2] -> [N*M, Lq, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # [N*M, D, Lq, P]
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [N*M, D, Lq, L, P] -> [N*M, D, Lq, L*P]
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)
+    # [N, Lq, M, L, P] -> [N, M, Lq, L, P] -> [N*M, 1, Lq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, num_queries, levels * points)
+    output = (sampled * weights).sum(-1)  # [N*M, D, Lq]
+    return output.view(n, heads * channels, num_queries).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+                   im2col_step=64):
+    """Multi-scale deformable attention [N, Lq, M*D]; the compiled op serves CUDA tensors when it is built."""
+    return ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights)

@@ -1,0 +1,93 @@
+"""The multi-scale deformable attention module (Deformable DETR, Zhu et al. 2021)."""
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functions import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to n_points sampled locations per head and level around its reference point/box.
+
+    d_model: hidden size; n_levels: feature levels; n_heads: attention heads; n_points: points per head and level.
+    """
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        head_dim = d_model // n_heads
+        if head_dim & (head_dim - 1) != 0:
+            warnings.warn(f"MSDeformAttn: {head_dim} channels per head is not a power of 2, which is slower "
+                          "in the CUDA kernel", stacklevel=2)
+        self.im2col_step = 64
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # offsets start as a fixed pattern: head h points in direction 2*pi*h/M, point p at distance p + 1
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        # [M, 2] -> [M, L, P, 2]
+        pattern = directions.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        pattern = pattern * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(pattern.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        """
+        query:              [N, Lq, C]
+        reference_points:   [N, Lq, L, 2] points (x, y) in [0, 1] of the padded map,
+                            or [N, Lq, L, 4] boxes (cx, cy, w, h) whose size scales the offsets
+        input_flatten:      [N, S, C] with S = sum of H_l * W_l
+        input_spatial_shapes [L, 2] (H_l, W_l); input_level_start_index [L]
+        input_padding_mask: [N, S], True on padding
+        returns             [N, Lq, C]
+        """
+        n, num_queries, _ = query.shape
+        _, num_values, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, num_values, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1).view(n, num_queries, self.n_heads, self.n_levels, self.n_points)
+
+        # sampling locations [N, Lq, M, L, P, 2]
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            locations = (reference_points[:, :, None, :, None, :]
+                         + offsets / normalizer[None, None, None, :, None, :])
+        elif reference_points.shape[-1] == 4:
+            # offsets are relative to the reference box: half its size reached by the farthest point
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
+
+        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
+                                self.im2col_step)
+        return self.output_proj(output)
