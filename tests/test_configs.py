@@ -1,0 +1,248 @@
+"""The upstream config scripts under configs/ and the launchers under tools/.
+
+A config is read as text (its `python -u main.py` command, backslash continuations joined, ${EXP_DIR}
+substituted) and checked against main.py's parser and against what its file name says; it is also run with
+bash and a fake `python` to see the arguments it really passes. The launchers are run with a fake
+`python`/`srun` on PATH, so nothing distributed starts here.
+"""
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from main import get_args_parser  # noqa: E402
+
+CONFIGS = REPO / "configs"
+REFERENCE = REPO.parent / "shared" / "reference" / "configs.json"
+UPSTREAM_ROOTS = ("one_stage", "two_stage")  # configs of our own live elsewhere under configs/
+
+ALL_SCRIPTS = sorted(CONFIGS.rglob("*.sh"))
+UPSTREAM_SCRIPTS = [p for p in ALL_SCRIPTS if p.relative_to(CONFIGS).parts[0] in UPSTREAM_ROOTS]
+LR_DROP = {12: 11, 24: 20, 36: 30, 50: 40}
+
+
+def rel(path):
+    return path.relative_to(REPO).as_posix()
+
+
+def read_config(path):
+    """(EXP_DIR, main.py flags with ${EXP_DIR} substituted) read from the script text."""
+    text = path.read_text().replace("\\\n", " ")
+    exp_dir = re.search(r"^EXP_DIR=(\S+)\s*$", text, re.M).group(1)
+    command = re.search(r"^python -u main\.py (.*)$", text, re.M).group(1)
+    words = shlex.split(command)
+    assert words[-1] == "${PY_ARGS}", "extra arguments must come last"
+    return exp_dir, [w.replace("${EXP_DIR}", exp_dir) for w in words[:-1]]
+
+
+def parse(flags):
+    return get_args_parser().parse_args(flags)
+
+
+def fake_bin(tmp_path, *names):
+    """A folder holding executables that print their argv, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        exe = bin_dir / name
+        exe.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+        exe.chmod(0o755)
+    return bin_dir
+
+
+def clean_env(bin_dir, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "PYTHON",
+                        "CPUS_PER_TASK", "SRUN_ARGS"}}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(cmd, env, cwd=REPO):
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+# ---------------------------------------------------------------- the scripts themselves
+
+def test_upstream_configs_present():
+    assert len(UPSTREAM_SCRIPTS) == 60
+
+
+@pytest.mark.parametrize("path", ALL_SCRIPTS, ids=rel)
+def test_script_shape(path):
+    lines = path.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -x" in lines
+    assert "PY_ARGS=${@:1}" in lines
+    assert path.stat().st_mode & stat.S_IXUSR, "config scripts must be executable"
+    exp_dir, flags = read_config(path)
+    assert exp_dir.startswith("exps/")
+    args = parse(flags)
+    assert args.output_dir == exp_dir
+
+
+@pytest.mark.parametrize("path", UPSTREAM_SCRIPTS, ids=rel)
+def test_name_matches_flags(path):
+    """Every setting the file name encodes is what main.py receives; the rest stays at the defaults."""
+    name = path.stem
+    args = parse(read_config(path)[1])
+    default = parse([])
+
+    def number(pattern):
+        m = re.search(pattern, name)
+        return m and m.group(1)
+
+    epochs = int(next(p for p in path.parts if p.endswith("eps"))[:-3])
+    assert args.epochs == epochs and args.lr_drop == LR_DROP[epochs]
+
+    hybrid = "hybrid_branch" in name
+    if hybrid:
+        assert args.lambda_one2many == float(number(r"lambda(\d+(?:\.\d+)?)"))
+        assert args.k_one2many == int(number(r"group(\d+)"))
+        assert args.num_queries_one2many == int(number(r"(?:^|_)t(\d+)(?:_|$)"))
+    else:
+        assert args.k_one2many == 0 and args.num_queries_one2many == 0
+    n = number(r"(?:^|_)n(\d+)(?:_|$)")
+    assert args.num_queries_one2one == (int(n) if n else 300)
+
+    assert args.dropout == (0.0 if "_dp0_" in name else default.dropout)
+    assert args.mixed_selection == ("_mqs" in name)
+    assert args.look_forward_twice == ("_lft" in name)
+    drop_path = number(r"drop_path(\d+(?:\.\d+)?)")
+    assert args.drop_path_rate == (float(drop_path) if drop_path else default.drop_path_rate)
+    decay = number(r"decay(\d+(?:\.\d+)?)")
+    assert args.weight_decay == (float(decay) if decay else default.weight_decay)
+
+    swin = number(r"swin_(tiny|small|large)")
+    if swin:
+        assert args.backbone == f"swin_{swin}"
+        weights = Path(args.pretrained_backbone_path).name
+        assert weights.startswith(f"swin_{swin}_")
+        assert ("22k" in weights) == ("22k" in name or swin == "large")
+    else:
+        assert args.backbone == ("resnet101" if name.startswith("r101") else "resnet50")
+        assert name.startswith(("r50", "r101"))
+
+    assert args.two_stage == ("two_stage" in name)
+    assert args.with_box_refine == ("iterative_bbox_refinement" in name)
+    assert args.num_feature_levels == (1 if "single_scale" in name else 4)
+    assert args.dilation == ("dc5" in name)
+
+
+@pytest.mark.parametrize("path", ALL_SCRIPTS, ids=rel)
+def test_bash_passes_flags_then_extra_args(path, tmp_path):
+    """Run the script for real with a fake `python`: the text reading above agrees with bash, extras go last."""
+    exp_dir, flags = read_config(path)
+    extra = ["--resume", "ckpt.pth", "--eval"]
+    env = clean_env(fake_bin(tmp_path, "python"))
+    out = run(["bash", str(path), *extra], env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["-u", "main.py", *flags, *extra]
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="reference list of the upstream configs not available")
+def test_matches_reference_list():
+    reference = json.loads(REFERENCE.read_text())
+    assert {rel(p) for p in UPSTREAM_SCRIPTS} == set(reference)
+    for name, entry in reference.items():
+        exp_dir, flags = read_config(REPO / name)
+        assert exp_dir == entry["exp_dir"], name
+        assert flags == [a.replace("${EXP_DIR}", exp_dir) for a in entry["args"]], name
+
+
+# ---------------------------------------------------------------- launchers
+
+LAUNCH = REPO / "tools" / "run_dist_launch.sh"
+SLURM = REPO / "tools" / "run_dist_slurm.sh"
+CONFIG = "configs/two_stage/deformable-detr-baseline/12eps/r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.sh"
+
+
+def torchrun_call(argv):
+    """Split the fake python's argv into torchrun's parsed options."""
+    from torch.distributed.run import parse_args
+
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    return parse_args(argv[2:])
+
+
+@pytest.mark.parametrize("gpus, env, nnodes, per_node", [
+    ("8", {}, 1, 8),
+    ("2", {}, 1, 2),
+    ("16", {}, 2, 8),
+    ("8", {"GPUS_PER_NODE": "4"}, 2, 4),
+    ("16", {"GPUS_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "12345"}, 2, 8),
+])
+def test_run_dist_launch_command(tmp_path, gpus, env, nnodes, per_node):
+    out = run(["bash", str(LAUNCH), gpus, CONFIG, "--batch_size", "1", "--eval"],
+              clean_env(fake_bin(tmp_path, "python"), **env))
+    assert out.returncode == 0, out.stderr
+    opts = torchrun_call(out.stdout.splitlines())
+    assert opts.nnodes == str(nnodes)
+    assert opts.nproc_per_node == str(per_node)
+    assert opts.node_rank == int(env.get("NODE_RANK", 0))
+    assert opts.master_addr == env.get("MASTER_ADDR", "127.0.0.1")
+    assert opts.master_port == int(env.get("MASTER_PORT", 29500))
+    assert opts.no_python
+    assert opts.training_script == CONFIG
+    assert opts.training_script_args == ["--batch_size", "1", "--eval"]
+
+
+def test_run_dist_launch_uses_python_variable(tmp_path):
+    bin_dir = fake_bin(tmp_path, "my-python")
+    out = run(["bash", str(LAUNCH), "1", CONFIG], clean_env(tmp_path / "empty", PYTHON=str(bin_dir / "my-python")))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["-m", "torch.distributed.run"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "usage"),
+    (["8"], "usage"),
+    (["x", CONFIG], "positive integer"),
+    (["12", CONFIG], "multiple of GPUS_PER_NODE"),
+])
+def test_run_dist_launch_rejects(tmp_path, argv, message):
+    out = run(["bash", str(LAUNCH), *argv], clean_env(fake_bin(tmp_path, "python")))
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert out.stdout == ""
+
+
+def test_launch_py_hands_over_to_torchrun(monkeypatch):
+    import runpy
+
+    import torch.distributed.run as torchrun
+
+    seen = []
+    monkeypatch.setattr(torchrun, "main", lambda argv: seen.append(argv))
+    upstream = ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29501",
+                "--nproc_per_node", "8", CONFIG, "--eval"]
+    monkeypatch.setattr(sys, "argv", ["tools/launch.py", *upstream])
+    runpy.run_path(str(REPO / "tools" / "launch.py"), run_name="__main__")
+    opts = torchrun.parse_args(seen[0])
+    assert opts.no_python and opts.nnodes == "2" and opts.node_rank == 1 and opts.nproc_per_node == "8"
+    assert opts.master_addr == "10.0.0.1" and opts.master_port == 29501
+    assert opts.training_script == CONFIG and opts.training_script_args == ["--eval"]
+
+
+def test_run_dist_slurm_command(tmp_path):
+    env = clean_env(fake_bin(tmp_path, "srun"), SRUN_ARGS="--quotatype=auto --time=1:00:00")
+    out = run(["bash", str(SLURM), "gpu", "hdetr", "16", CONFIG, "--eval"], env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "-p", "gpu", "--job-name=hdetr", "--gres=gpu:8", "--ntasks=16", "--ntasks-per-node=8",
+        "--cpus-per-task=4", "--kill-on-bad-exit=1", "--quotatype=auto", "--time=1:00:00", CONFIG, "--eval"]
+
+    out = run(["bash", str(SLURM), "gpu", "hdetr", "2", CONFIG], clean_env(tmp_path / "bin", CPUS_PER_TASK="6"))
+    assert "--gres=gpu:2" in out.stdout.splitlines() and "--cpus-per-task=6" in out.stdout.splitlines()
+
+    out = run(["bash", str(SLURM), "gpu", "hdetr"], env)
+    assert out.returncode != 0 and "usage" in out.stderr

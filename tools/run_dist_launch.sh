@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Start one node's share of a distributed run with torchrun:
+#   [GPUS_PER_NODE=..] [MASTER_ADDR=..] [MASTER_PORT=..] [NODE_RANK=..] tools/run_dist_launch.sh GPUS CONFIG [ARGS...]
+# GPUS is the total over all nodes; every node runs the same command with its own NODE_RANK.
+# torchrun starts GPUS_PER_NODE copies of CONFIG (a script run as is) with RANK, WORLD_SIZE, LOCAL_RANK,
+# LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; ARGS go on to main.py.
+
+if [ $# -lt 2 ]; then
+    echo "usage: $0 GPUS CONFIG [ARGS...]" >&2
+    echo "  env: GPUS_PER_NODE (default min(GPUS, 8)), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), NODE_RANK (0)" >&2
+    exit 2
+fi
+
+GPUS=$1
+CONFIG=$2
+shift 2
+
+case "$GPUS" in
+    ''|*[!0-9]*|0) echo "$0: GPUS must be a positive integer, got '$GPUS'" >&2; exit 2 ;;
+esac
+if [ "$GPUS" -lt 8 ]; then
+    GPUS_PER_NODE=${GPUS_PER_NODE:-$GPUS}
+else
+    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+fi
+case "$GPUS_PER_NODE" in
+    ''|*[!0-9]*|0) echo "$0: GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'" >&2; exit 2 ;;
+esac
+if [ $((GPUS % GPUS_PER_NODE)) -ne 0 ]; then
+    echo "$0: GPUS ($GPUS) must be a multiple of GPUS_PER_NODE ($GPUS_PER_NODE)" >&2
+    exit 2
+fi
+
+NNODES=$((GPUS / GPUS_PER_NODE))
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+NODE_RANK=${NODE_RANK:-0}
+
+set -x
+exec ${PYTHON:-python} -m torch.distributed.run \
+    --nnodes "$NNODES" \
+    --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" \
+    --master_port "$MASTER_PORT" \
+    --nproc_per_node "$GPUS_PER_NODE" \
+    --no-python \
+    "$CONFIG" "$@"
