@@ -1,0 +1,160 @@
+"""COCO-format detection dataset: an image folder plus an ``instances_*.json`` file read with pycocotools."""
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from util.misc import get_local_rank, get_local_size
+
+from .transforms import make_coco_transforms
+
+# split name -> (image folder, annotation file), relative to the dataset root
+COCO_SPLITS = {
+    "train": ("train2017", Path("annotations") / "instances_train2017.json"),
+    "val": ("val2017", Path("annotations") / "instances_val2017.json"),
+}
+
+
+def load_coco_api(ann_file):
+    """pycocotools COCO object of ``ann_file``, without its progress prints."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(ann_file))
+
+
+def num_classes_from_annotations(ann_file):
+    """Classifier size for the categories of ``ann_file``: largest category id + 1 (91 for COCO)."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    with open(ann_file) as f:
+        categories = json.load(f).get("categories", [])
+    if not categories:
+        raise ValueError(f"{ann_file} lists no categories")
+    return max(int(c["id"]) for c in categories) + 1
+
+
+def decode_image(data, path):
+    """Encoded image bytes -> RGB PIL image; an undecodable file raises naming ``path``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RuntimeError(f"cannot decode image {path}: {error}") from error
+
+
+def read_bytes(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    return path.read_bytes()
+
+
+def coco_annotations_to_target(annotations, image_id, width, height):
+    """COCO annotations of one image -> target dict with absolute xyxy boxes clamped to the image.
+
+    Crowd regions and boxes left without area after clamping are dropped.
+    """
+    annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
+    boxes = torch.as_tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)  # xywh
+    boxes[:, 2:] += boxes[:, :2]  # -> xyxy
+    boxes[:, 0::2].clamp_(min=0, max=width)
+    boxes[:, 1::2].clamp_(min=0, max=height)
+    labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+    area = torch.tensor([a.get("area", 0.0) for a in annotations], dtype=torch.float32)
+    iscrowd = torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    size = torch.tensor([height, width])
+    return {
+        "boxes": boxes[keep],
+        "labels": labels[keep],
+        "image_id": torch.tensor([image_id]),
+        "area": area[keep],
+        "iscrowd": iscrowd[keep],
+        "orig_size": size,
+        "size": size.clone(),
+    }
+
+
+class CocoDetection(Dataset):
+    """Items are (image [3, H, W], target) after ``transforms``; see ``coco_annotations_to_target``.
+
+    With ``cache_mode`` the encoded images this local rank will read (index % local_size == local_rank)
+    are held in memory; other images are still read from disk on demand.
+    """
+
+    def __init__(self, img_folder, ann_file, transforms=None, cache_mode=False,
+                 local_rank=0, local_size=1):
+        self.img_folder = Path(img_folder)
+        if not self.img_folder.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {self.img_folder}")
+        self.coco = load_coco_api(ann_file)
+        self.ids = sorted(self.coco.imgs.keys())
+        self.transforms = transforms
+        self.cache_mode = cache_mode
+        self.local_rank = local_rank
+        self.local_size = local_size
+        self.cache = {}
+        if cache_mode:
+            self._fill_cache()
+
+    def _image_path(self, image_id):
+        return self.img_folder / self.coco.imgs[image_id]["file_name"]
+
+    def _fill_cache(self):
+        for index, image_id in enumerate(self.ids):
+            if index % self.local_size == self.local_rank:
+                self.cache[image_id] = read_bytes(self._image_path(image_id))
+
+    def load_image(self, image_id):
+        path = self._image_path(image_id)
+        data = self.cache.get(image_id)
+        if data is None:
+            data = read_bytes(path)
+        return decode_image(data, path)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        target = coco_annotations_to_target(annotations, image_id, *image.size)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def transform_options(args):
+    """Optional size settings read from ``args`` (upstream's defaults when absent or None)."""
+    return {
+        "scales": getattr(args, "train_scales", None),
+        "max_size": getattr(args, "max_size", None),
+        "val_size": getattr(args, "val_scale", None),
+        "crop": not getattr(args, "no_crop_augment", False),
+    }
+
+
+def build(image_set, args):
+    """COCO split ``image_set`` under ``args.coco_path``; ``args.eval_in_training_set`` evaluates on train."""
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"COCO path does not exist: {root}")
+    if image_set not in COCO_SPLITS:
+        raise ValueError(f"unknown image_set {image_set!r}: expected one of {sorted(COCO_SPLITS)}")
+    split = image_set
+    if image_set == "val" and getattr(args, "eval_in_training_set", False):
+        split = "train"
+    img_folder, ann_file = COCO_SPLITS[split]
+    transforms = make_coco_transforms(image_set, **transform_options(args))
+    return CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
+                         cache_mode=getattr(args, "cache_mode", False),
+                         local_rank=get_local_rank(), local_size=get_local_size())

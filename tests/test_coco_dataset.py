@@ -1,0 +1,215 @@
+"""COCO-format dataset reader, dataset builder, samplers and prefetcher on a tiny synthetic set."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco import CocoDetection, num_classes_from_annotations
+from datasets.data_prefetcher import data_prefetcher
+from datasets.samplers import DistributedSampler, NodeDistributedSampler
+from datasets.synthetic import make_synthetic_coco
+from util.misc import NestedTensor, collate_fn
+
+NUM_TRAIN, NUM_VAL = 5, 3
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root, NUM_TRAIN, NUM_VAL, image_size=64, seed=3)
+    return root
+
+
+@pytest.fixture
+def root_copy(synthetic_root, tmp_path):
+    """A private copy to damage."""
+    return shutil.copytree(synthetic_root, tmp_path / "coco")
+
+
+def make_args(root, **overrides):
+    args = dict(dataset_file="coco", coco_path=str(root), cache_mode=False, eval_in_training_set=False,
+                train_scales=[48, 64], val_scale=64, max_size=100)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def load_json(root, split):
+    return json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+
+
+def write_json(root, split, data):
+    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+
+
+def test_items_have_expected_fields(synthetic_root):
+    for image_set in ("train", "val"):
+        dataset = build_dataset(image_set, make_args(synthetic_root))
+        assert len(dataset) == (NUM_TRAIN if image_set == "train" else NUM_VAL)
+        for index in range(len(dataset)):
+            image, target = dataset[index]
+            assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3
+            assert set(target) == {"boxes", "labels", "image_id", "area", "iscrowd", "orig_size", "size"}
+            num = len(target["labels"])
+            assert target["boxes"].shape == (num, 4) and target["boxes"].dtype == torch.float32
+            assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
+            assert target["labels"].dtype == torch.int64
+            assert ((target["labels"] >= 1) & (target["labels"] <= 6)).all()
+            assert target["area"].shape == (num,) and target["iscrowd"].shape == (num,)
+            assert target["image_id"].tolist() == [dataset.ids[index]]
+            info = dataset.coco.imgs[dataset.ids[index]]
+            assert target["orig_size"].tolist() == [info["height"], info["width"]]
+            assert target["size"].tolist() == list(image.shape[1:])
+
+
+def test_val_boxes_match_annotations(synthetic_root):
+    dataset = build_dataset("val", make_args(synthetic_root))
+    image, target = dataset[0]
+    anns = dataset.coco.imgToAnns[dataset.ids[0]]
+    height, width = target["orig_size"].tolist()
+    expected = torch.tensor([[(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+                             for x, y, w, h in (a["bbox"] for a in anns)])
+    torch.testing.assert_close(target["boxes"], expected, atol=1e-2, rtol=0)
+    assert target["labels"].tolist() == [a["category_id"] for a in anns]
+    assert min(image.shape[1:]) == 64
+
+
+def test_eval_in_training_set_and_coco_api(synthetic_root):
+    dataset = build_dataset("val", make_args(synthetic_root, eval_in_training_set=True))
+    assert len(dataset) == NUM_TRAIN
+    coco = get_coco_api_from_dataset(Subset(Subset(dataset, [0, 1, 2]), [0]))
+    assert coco is dataset.coco
+    assert num_classes_from_annotations(synthetic_root / "annotations" / "instances_train2017.json") == 7
+
+
+def test_unsupported_dataset_files(synthetic_root):
+    with pytest.raises(ValueError, match="not supported"):
+        build_dataset("train", make_args(synthetic_root, dataset_file="coco_panoptic"))
+    with pytest.raises(ValueError, match="coco"):
+        build_dataset("train", make_args(synthetic_root, dataset_file="voc"))
+
+
+def test_missing_coco_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_dataset("train", make_args(missing))
+
+
+def test_missing_annotation_file(root_copy):
+    (root_copy / "annotations" / "instances_val2017.json").unlink()
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        build_dataset("val", make_args(root_copy))
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        num_classes_from_annotations(root_copy / "annotations" / "instances_val2017.json")
+
+
+def test_missing_image_file(root_copy):
+    dataset = build_dataset("val", make_args(root_copy))
+    file_name = dataset.coco.imgs[dataset.ids[1]]["file_name"]
+    (root_copy / "val2017" / file_name).unlink()
+    dataset[0]
+    with pytest.raises(FileNotFoundError, match=file_name):
+        dataset[1]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_file(root_copy, damage):
+    dataset = build_dataset("val", make_args(root_copy))
+    path = root_copy / "val2017" / dataset.coco.imgs[dataset.ids[0]]["file_name"]
+    data = path.read_bytes()
+    path.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 3])
+    with pytest.raises((RuntimeError, OSError), match=f"cannot decode image .*{path.name}"):
+        dataset[0]
+
+
+def test_image_without_annotations_crowd_and_clamping(root_copy):
+    data = load_json(root_copy, "val")
+    first, second = data["images"][0], data["images"][1]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first["id"]]
+    width, height = second["width"], second["height"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != second["id"]] + [
+        {"id": 1001, "image_id": second["id"], "category_id": 2, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 1},
+        {"id": 1002, "image_id": second["id"], "category_id": 3, "bbox": [width - 10, -5, 30, 20], "area": 300,
+         "iscrowd": 0},
+        {"id": 1003, "image_id": second["id"], "category_id": 4, "bbox": [width + 5, 5, 10, 10], "area": 100,
+         "iscrowd": 0},  # entirely outside: degenerate after clamping
+    ]
+    write_json(root_copy, "val", data)
+    dataset = build_dataset("val", make_args(root_copy))
+    image, target = dataset[dataset.ids.index(first["id"])]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert image.shape[0] == 3
+
+    raw = CocoDetection(root_copy / "val2017", root_copy / "annotations" / "instances_val2017.json")
+    image, target = raw[raw.ids.index(second["id"])]
+    assert target["labels"].tolist() == [3]
+    assert target["boxes"].tolist() == [[width - 10, 0, width, 15]]
+
+
+def test_cache_mode(root_copy):
+    dataset = build_dataset("train", make_args(root_copy, cache_mode=True))
+    assert len(dataset.cache) == NUM_TRAIN
+    first = dataset.coco.imgs[dataset.ids[0]]["file_name"]
+    (root_copy / "train2017" / first).unlink()
+    image, target = dataset[0]  # served from memory
+    assert image.shape[0] == 3
+
+    ann_file = root_copy / "annotations" / "instances_val2017.json"
+    odd_rank = CocoDetection(root_copy / "val2017", ann_file, cache_mode=True, local_rank=1, local_size=2)
+    assert sorted(odd_rank.cache) == [odd_rank.ids[i] for i in range(NUM_VAL) if i % 2 == 1]
+
+
+def test_distributed_sampler_splits_and_pads():
+    dataset = list(range(11))
+    samplers = [DistributedSampler(dataset, num_replicas=3, rank=r) for r in range(3)]
+    shares = [list(s) for s in samplers]
+    assert [len(s) for s in shares] == [4, 4, 4]
+    assert set(sum(shares, [])) == set(dataset)
+    epoch0 = shares[0]
+    for s in samplers:
+        s.set_epoch(1)
+    assert list(samplers[0]) != epoch0
+    assert set(sum((list(s) for s in samplers), [])) == set(dataset)
+    ordered = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    assert list(ordered) == [6, 7, 8, 9, 10, 0]
+
+
+def test_node_sampler_uses_cached_indices_only():
+    dataset = list(range(10))
+    # 2 nodes x 2 local ranks
+    seen = []
+    for rank in range(4):
+        sampler = NodeDistributedSampler(dataset, num_replicas=4, rank=rank, local_rank=rank % 2, local_size=2)
+        indices = list(sampler)
+        assert len(indices) == len(sampler) == 3
+        assert all(i % 2 == rank % 2 for i in indices)
+        seen += indices
+    assert set(seen) == set(dataset)
+
+
+def test_loader_and_cpu_prefetcher(synthetic_root):
+    dataset = build_dataset("train", make_args(synthetic_root))
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn, num_workers=0)
+    prefetcher = data_prefetcher(loader, torch.device("cpu"), prefetch=True)
+    batches = 0
+    samples, targets = prefetcher.next()
+    while samples is not None:
+        assert isinstance(samples, NestedTensor)
+        assert samples.tensors.shape[0] == len(targets) and samples.mask.shape[0] == len(targets)
+        assert all(isinstance(t, dict) and t["boxes"].device.type == "cpu" for t in targets)
+        batches += 1
+        samples, targets = prefetcher.next()
+    assert batches == 3
+
+
+def test_image_mode_is_rgb(root_copy):
+    """Greyscale or palette files are read as 3 channels."""
+    dataset = build_dataset("val", make_args(root_copy))
+    path = root_copy / "val2017" / dataset.coco.imgs[dataset.ids[0]]["file_name"]
+    Image.open(path).convert("L").save(path, format="JPEG")
+    image, _ = dataset[0]
+    assert image.shape[0] == 3
