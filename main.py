@@ -2,6 +2,8 @@
 import argparse
 import math
 
+from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Deformable DETR Detector", add_help=False)
@@ -37,7 +39,7 @@ def get_args_parser():
     parser.add_argument("--position_embedding_scale", default=2 * math.pi, type=float,
                         help="position / size * scale")
     parser.add_argument("--num_feature_levels", default=4, type=int, help="number of feature levels")
-    parser.add_argument("--pretrained_backbone_path", default="./swin_tiny_patch4_window7_224.pkl", type=str,
+    parser.add_argument("--pretrained_backbone_path", default=DEFAULT_PRETRAINED_BACKBONE_PATH, type=str,
                         help="ImageNet weights of the backbone: the official Swin file for Swin backbones; for "
                              "ResNet, a torchvision state dict (when not given, torchvision's weights are used)")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",

@@ -1,0 +1,182 @@
+"""Backbones (torchvision ResNet with frozen BatchNorm, Swin Transformer) joined with the position encoding."""
+import os
+from collections import OrderedDict
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from util.misc import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+SWINS = ("swin_tiny", "swin_small", "swin_large", "swin_large_window12")
+# upstream's default --pretrained_backbone_path (a Swin-T file); ResNets then use torchvision's ImageNet weights
+DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
+STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def _mask_for(features, mask):
+    """Nearest-neighbour resize of the padding mask [B, H, W] to the feature map's size."""
+    return F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+
+
+class ResNetBody(nn.ModuleDict):
+    """The ResNet stem and stages up to the last returned one; returns {output name: feature map}."""
+
+    def __init__(self, resnet: nn.Module, return_layers: Dict[str, str]):
+        last = max(return_layers, key=lambda name: STAGE_STRIDES[name])
+        modules = OrderedDict()
+        for name, module in resnet.named_children():
+            modules[name] = module
+            if name == last:
+                break
+        super().__init__(modules)
+        self.return_layers = dict(return_layers)
+
+    def forward(self, x):
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+def _stage_channels(stage: nn.Module) -> int:
+    """Output channels of a ResNet stage: those of the last convolution of its last block."""
+    return [m.out_channels for m in stage[-1].modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet-18/34/50/101 with frozen BatchNorm; stem and layer1 stay frozen.
+
+    Returns the outputs of layer2-4 (strides 8/16/32) or of layer4 alone; `--dilation` turns the stride of
+    layer4 into a dilation (DC5), halving its stride.
+    """
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet backbone {name!r}; choose one of {RESNETS}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
+        for param_name, param in resnet.named_parameters():
+            trainable = train_backbone and param_name.startswith(("layer2", "layer3", "layer4"))
+            param.requires_grad_(trainable)
+        stages = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
+        self.body = ResNetBody(resnet, {stage: str(i) for i, stage in enumerate(stages)})
+        self.num_channels = [_stage_channels(getattr(resnet, stage)) for stage in stages]
+        self.strides = [STAGE_STRIDES[stage] for stage in stages]
+        if dilation:
+            self.strides[-1] //= 2
+        self.name = name
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        return {name: NestedTensor(x, _mask_for(x, tensor_list.mask)) for name, x in features.items()}
+
+
+class TransformerBackbone(nn.Module):
+    """Swin Transformer returning stages 1-3 (strides 8/16/32, 2C/4C/8C channels) or stage 3 alone."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, drop_path_rate: float):
+        super().__init__()
+        from .swin_transformer import build_swin_backbone
+
+        out_indices = (1, 2, 3) if return_interm_layers else (3,)
+        # upstream always checkpoints the Swin blocks to save memory
+        self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=True,
+                                        out_indices=out_indices)
+        for param in self.body.parameters():
+            param.requires_grad_(train_backbone)
+        self.num_channels = list(self.body.num_channels)
+        self.strides = list(self.body.strides)
+        self.name = name
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        return {name: NestedTensor(x, _mask_for(x, tensor_list.mask)) for name, x in features.items()}
+
+
+class Joiner(nn.Sequential):
+    """backbone.0 = the backbone, backbone.1 = the position encoding; returns (features, positions) per level."""
+
+    def __init__(self, backbone, position_embedding):
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor):
+        features = self[0](tensor_list)
+        out: List[NestedTensor] = [features[name] for name in sorted(features)]
+        pos = [self[1](x).to(x.tensors.dtype) for x in out]
+        return out, pos
+
+
+def build_backbone(args):
+    position_embedding = build_position_encoding(args)
+    train_backbone = args.lr_backbone > 0
+    return_interm_layers = args.num_feature_levels > 1
+    if args.backbone in RESNETS:
+        backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation)
+    elif args.backbone in SWINS:
+        if args.dilation:
+            raise ValueError("--dilation applies to ResNet backbones only")
+        backbone = TransformerBackbone(args.backbone, train_backbone, return_interm_layers, args.drop_path_rate)
+    else:
+        raise ValueError(f"unknown --backbone {args.backbone!r}; choose one of {RESNETS + SWINS}")
+    return Joiner(backbone, position_embedding)
+
+
+# --------------------------------------------------------------------------- ImageNet weights
+
+
+def _explicit_resnet_weights(args):
+    """The --pretrained_backbone_path given for a ResNet, or None for upstream's Swin default (use torchvision's)."""
+    path = args.pretrained_backbone_path
+    return None if not path or path == DEFAULT_PRETRAINED_BACKBONE_PATH else path
+
+
+def _load_resnet_weights(body: ResNetBody, name: str, path):
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--pretrained_backbone_path {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))
+        source = path
+    else:
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as err:  # offline machines end here
+            raise RuntimeError(
+                f"could not get the ImageNet weights of {name} ({type(err).__name__}: {err}). Download "
+                f"{weights.url} and pass it with --pretrained_backbone_path, or train from random "
+                "initialisation with --no_pretrained_backbone") from err
+        source = weights.url
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{source} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    print(f"loaded ImageNet weights of {name} from {source}")
+
+
+def load_pretrained_backbone(model, args):
+    """Load ImageNet weights into model.backbone[0] (called when training starts without --resume)."""
+    backbone = model.backbone[0]
+    if isinstance(backbone, Backbone):
+        _load_resnet_weights(backbone.body, backbone.name, _explicit_resnet_weights(args))
+    else:
+        path = args.pretrained_backbone_path
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"--pretrained_backbone_path {path!r} does not exist: {backbone.name} needs the official Swin "
+                "ImageNet file to start training (or pass --no_pretrained_backbone)")
+        backbone.body.init_weights(path)
