@@ -287,6 +287,11 @@ class DeformableTransformer(nn.Module):
         return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), spatial_shapes,
                 level_start_index)
 
+    @staticmethod
+    def select_proposals(scores, k):
+        """Indices [B, K] of the k best-scoring encoder proposals, scores [B, S], best first."""
+        return torch.topk(scores, k, dim=1)[1]
+
     def _two_stage_queries(self, memory, mask_flatten, spatial_shapes, query_embed):
         """Pick the top-scoring encoder proposals as the decoder's reference boxes and query positions."""
         batch, num_tokens, channels = memory.shape
@@ -299,7 +304,7 @@ class DeformableTransformer(nn.Module):
         if k > num_tokens:
             raise ValueError(f"two-stage selects {k} proposals but the encoder has only {num_tokens} tokens "
                              f"(maps {spatial_shapes.tolist()}): use larger images or fewer queries")
-        topk_proposals = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]  # [B, K]
+        topk_proposals = self.select_proposals(enc_outputs_class[..., 0], k)  # [B, K]
         topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
         topk_coords_unact = topk_coords_unact.detach()
         reference_points = topk_coords_unact.sigmoid()
