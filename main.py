@@ -1,8 +1,24 @@
 """Train and evaluate H-Deformable-DETR (command line as upstream main.py)."""
 import argparse
+import datetime
+import json
 import math
+import random
+import time
+from pathlib import Path
 
-from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import datasets.samplers as samplers
+import util.misc as utils
+from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
+from datasets.coco import COCO_SPLITS
+from engine import evaluate, train_one_epoch
+from models import build_model
+from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, load_pretrained_backbone
+from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 
 
 def get_args_parser():
@@ -95,6 +111,13 @@ def get_args_parser():
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classifier size; by default the largest category id of the annotation "
                              "file + 1 (91 for COCO)")
+    parser.add_argument("--train_scales", default=None, type=int, nargs="+",
+                        help="shorter sides of the multi-scale training resize (default: 480..800 step 32)")
+    parser.add_argument("--val_scale", default=None, type=int,
+                        help="shorter side at evaluation (default: the largest training scale, 800)")
+    parser.add_argument("--max_size", default=None, type=int, help="longest side after resizing (default 1333)")
+    parser.add_argument("--no_crop_augment", action="store_true",
+                        help="leave out the random resize-crop branch of the training augmentation")
 
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
@@ -116,11 +139,209 @@ def get_args_parser():
 
     # logging
     parser.add_argument("--use_wandb", action="store_true", default=False)
+    parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
     return parser
 
 
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def epoch_seed(seed, epoch, rank):
+    """A seed of its own for every (epoch, rank): a resumed run draws the same samples and augmentations."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def check_device(args):
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device} was asked for but CUDA is not available here; "
+                           "pass --device cpu to run on the CPU")
+    if args.use_fp16 and not str(args.device).startswith("cuda"):
+        raise ValueError("--use_fp16 needs a CUDA device")
+
+
+def resolve_num_classes(args):
+    """--num_classes, else the largest category id of the annotation file in use + 1 (91 for COCO)."""
+    if args.num_classes is None and args.dataset_file == "coco":
+        split = "train" if not args.eval or args.eval_in_training_set else "val"
+        args.num_classes = num_classes_from_annotations(Path(args.coco_path) / COCO_SPLITS[split][1])
+
+
+def make_loaders(args, dataset_train, dataset_val):
+    pin = str(args.device).startswith("cuda")
+    if args.distributed:
+        sampler_cls = samplers.NodeDistributedSampler if args.cache_mode else samplers.DistributedSampler
+        sampler_train = sampler_cls(dataset_train) if dataset_train is not None else None
+        sampler_val = sampler_cls(dataset_val, shuffle=False)
+    else:
+        sampler_train = torch.utils.data.RandomSampler(dataset_train) if dataset_train is not None else None
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    loader_train = None
+    if dataset_train is not None:
+        if len(dataset_train) < args.batch_size * utils.get_world_size():
+            raise ValueError(f"the training set has {len(dataset_train)} images, fewer than one batch "
+                             f"({args.batch_size} per process x {utils.get_world_size()} processes)")
+        batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
+                                  num_workers=args.num_workers, pin_memory=pin)
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
+    return sampler_train, loader_train, loader_val
+
+
+def match_name_keywords(name, keywords):
+    return any(k in name for k in keywords)
+
+
+def build_optimizer(args, model):
+    """AdamW (or SGD) with three groups: backbone (--lr_backbone), linear projections
+    (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
+    linear_proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]
+    rest = [p for n, p in named if not match_name_keywords(n, args.lr_backbone_names)
+            and not match_name_keywords(n, args.lr_linear_proj_names)]
+    param_groups = [
+        {"params": rest, "lr": args.lr},
+        {"params": backbone, "lr": args.lr_backbone},
+        {"params": linear_proj, "lr": args.lr * args.lr_linear_proj_mult},
+    ]
+    if args.sgd:
+        optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    if args.lr_drop_epochs:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_drop_epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    return optimizer, scheduler
+
+
+def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
+    """Restore optimizer, scheduler and epoch; the learning rates and lr drops of this command line win, as
+    upstream (so a resumed run can change its schedule)."""
+    fresh_groups = [{"lr": g["lr"], "initial_lr": g["initial_lr"]} for g in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update(fresh)
+    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+        scheduler.step_size = args.lr_drop
+        drops = scheduler.last_epoch // scheduler.step_size
+    else:
+        scheduler.milestones = type(scheduler.milestones)(args.lr_drop_epochs)
+        drops = sum(1 for m in args.lr_drop_epochs if m <= scheduler.last_epoch)
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * scheduler.gamma ** drops
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if "scaler" in checkpoint and scaler is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+
+
+def save_epoch(args, output_dir, epoch, model, optimizer, scheduler, scaler):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": args}
+    if args.use_fp16:
+        state["scaler"] = scaler.state_dict()
+    for path in (output_dir / "checkpoint.pth", output_dir / f"checkpoint{epoch:04}.pth"):
+        save_checkpoint(state, path)
+
+
+def print_ap(stats):
+    ap = stats["coco_eval_bbox"]
+    print(f"bbox AP {ap[0]:.4f}  AP50 {ap[1]:.4f}  AP75 {ap[2]:.4f}  APs {ap[3]:.4f}  APm {ap[4]:.4f}  "
+          f"APl {ap[5]:.4f}", flush=True)
+
+
 def main(args):
-    raise NotImplementedError("training entry point: being written")
+    utils.init_distributed_mode(args)
+    check_device(args)
+    print(args)
+    device = torch.device(args.device)
+    seed_everything(args.seed + utils.get_rank())
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.use_wandb and utils.is_main_process():
+        import wandb
+
+        wandb.init(project="H-Deformable-DETR", name=output_dir.name if output_dir else None, config=vars(args))
+
+    # data first: a wrong path fails before any model is built
+    resolve_num_classes(args)
+    dataset_train = None if args.eval else build_dataset("train", args)
+    dataset_val = build_dataset("val", args)
+    sampler_train, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+
+    model, criterion, postprocessors = build_model(args)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        load_model_state(model, checkpoint, args.resume, args)
+        print(f"loaded the model of {args.resume}")
+    elif not args.eval and args.pretrained_backbone:
+        load_pretrained_backbone(model, args)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("number of params:", n_parameters)
+
+    optimizer, scheduler = build_optimizer(args, model_without_ddp)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16)
+    if checkpoint is not None and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler",
+                                                                                 "epoch")):
+        resume_training_state(args, checkpoint, optimizer, scheduler, scaler)
+        print(f"resuming at epoch {args.start_epoch}")
+    del checkpoint
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
+                                                          else None)
+        model_without_ddp = model.module
+
+    if args.eval:
+        stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq)
+        print_ap(stats)
+        if output_dir is not None:
+            utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+        return stats
+
+    print("Start training")
+    start_time = time.time()
+    stats = None
+    for epoch in range(args.start_epoch, args.epochs):
+        seed_everything(epoch_seed(args.seed, epoch, utils.get_rank()))
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                      args.clip_max_norm, k_one2many=args.k_one2many,
+                                      lambda_one2many=args.lambda_one2many, use_wandb=args.use_wandb,
+                                      use_fp16=args.use_fp16, scaler=scaler, print_freq=args.print_freq)
+        scheduler.step()
+        if output_dir is not None:
+            save_epoch(args, output_dir, epoch, model_without_ddp, optimizer, scheduler, scaler)
+
+        stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq)
+        print_ap(stats)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in stats.items()},
+                     "epoch": epoch, "n_parameters": n_parameters}
+        if output_dir is not None and utils.is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            (output_dir / "eval").mkdir(exist_ok=True)
+            names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
+            for name in names:
+                save_checkpoint(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+
+    total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f"Training time {total_time}")
+    return stats
 
 
 if __name__ == "__main__":

@@ -56,10 +56,12 @@ class Backbone(nn.Module):
     """torchvision ResNet-18/34/50/101 with frozen BatchNorm; stem and layer1 stay frozen.
 
     Returns the outputs of layer2-4 (strides 8/16/32) or of layer4 alone; `--dilation` turns the stride of
-    layer4 into a dilation (DC5), halving its stride.
+    layer4 into a dilation (DC5), halving its stride. A backbone trained from random weights
+    (train_all_stages) trains its stem and layer1 too: frozen random layers would be useless.
     """
 
-    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool):
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 train_all_stages: bool = False):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet backbone {name!r}; choose one of {RESNETS}")
@@ -68,7 +70,7 @@ class Backbone(nn.Module):
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and param_name.startswith(("layer2", "layer3", "layer4"))
+            trainable = train_backbone and (train_all_stages or param_name.startswith(("layer2", "layer3", "layer4")))
             param.requires_grad_(trainable)
         stages = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         self.body = ResNetBody(resnet, {stage: str(i) for i, stage in enumerate(stages)})
@@ -125,7 +127,8 @@ def build_backbone(args):
     train_backbone = args.lr_backbone > 0
     return_interm_layers = args.num_feature_levels > 1
     if args.backbone in RESNETS:
-        backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation)
+        backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
+                            train_all_stages=not getattr(args, "pretrained_backbone", True))
     elif args.backbone in SWINS:
         if args.dilation:
             raise ValueError("--dilation applies to ResNet backbones only")

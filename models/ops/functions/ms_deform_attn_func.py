@@ -1,6 +1,13 @@
-"""Multi-scale deformable attention core: the pure-PyTorch path and the dispatcher to the compiled op."""
+"""Multi-scale deformable attention core: the pure-PyTorch path, the compiled op's autograd Function, the dispatcher."""
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .extension import get_extension
+
+FORCE_PYTORCH_ENV = "MSDA_FORCE_PYTORCH"
 
 
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
@@ -34,7 +41,55 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
     return output.view(n, heads * channels, num_queries).transpose(1, 2).contiguous()
 
 
+class MSDeformAttnFunction(torch.autograd.Function):
+    """The compiled CUDA op with its backward; arguments as ms_deform_attn.
+
+    Under autocast the inputs are cast to float32; outside it float16/bfloat16 inputs run the half kernels
+    (float32 accumulation).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+                im2col_step):
+        ext = get_extension()
+        if ext is None:
+            raise RuntimeError("MultiScaleDeformableAttention is not available; call ms_deform_attn instead")
+        # the kernels take one dtype for all three; mixed inputs run in the widest (autograd casts the grads back)
+        dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+        value, sampling_locations, attention_weights = (
+            t.to(dtype) for t in (value, sampling_locations, attention_weights))
+        ctx.im2col_step = im2col_step
+        ctx.save_for_backward(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                              attention_weights)
+        return ext.ms_deform_attn_forward(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                                          attention_weights, im2col_step)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, shapes, start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = get_extension().ms_deform_attn_backward(
+            value, shapes, start_index, sampling_locations, attention_weights, grad_output.contiguous(),
+            ctx.im2col_step)
+        return grad_value, None, None, grad_locations, grad_weights, None
+
+
+def use_compiled(value):
+    """True when `value` is a CUDA tensor, MSDA_FORCE_PYTORCH is not 1 and the compiled op loads (lazily)."""
+    if not value.is_cuda or os.environ.get(FORCE_PYTORCH_ENV, "0") == "1":
+        return False
+    return get_extension() is not None
+
+
 def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
                    im2col_step=64):
-    """Multi-scale deformable attention [N, Lq, M*D]; the compiled op serves CUDA tensors when it is built."""
+    """Multi-scale deformable attention [N, Lq, M*D]: the compiled op for CUDA tensors, else the PyTorch path.
+
+    Shapes as ms_deform_attn_core_pytorch; value_level_start_index [L] is the first row of each level in value.
+    """
+    if use_compiled(value):
+        return MSDeformAttnFunction.apply(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                                          attention_weights, im2col_step)
     return ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights)
