@@ -59,7 +59,8 @@ def get_args_parser():
                         help="ImageNet weights of the backbone: the official Swin file for Swin backbones; for "
                              "ResNet, a torchvision state dict (when not given, torchvision's weights are used)")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
-                        help="train the backbone from random initialisation instead of ImageNet weights")
+                        help="train the backbone from random initialisation instead of ImageNet weights (a ResNet "
+                             "then trains all its stages with ordinary BatchNorm; pass it at evaluation too)")
     parser.add_argument("--drop_path_rate", default=0.2, type=float)
 
     # transformer

@@ -55,24 +55,25 @@ def _stage_channels(stage: nn.Module) -> int:
 class Backbone(nn.Module):
     """torchvision ResNet-18/34/50/101 with frozen BatchNorm; stem and layer1 stay frozen.
 
-    Returns the outputs of layer2-4 (strides 8/16/32) or of layer4 alone; `--dilation` turns the stride of
-    layer4 into a dilation (DC5), halving its stride. A backbone trained from random weights
-    (train_all_stages) trains its stem and layer1 too: frozen random layers would be useless.
+    Returns the outputs of the last num_outputs of layer2-4 (strides 8/16/32); `--dilation` turns the stride of
+    layer4 into a dilation (DC5), halving its stride. A backbone trained from random weights (from_scratch)
+    trains every stage with ordinary BatchNorm: frozen random layers and statistics would be useless.
     """
 
-    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 train_all_stages: bool = False):
+    def __init__(self, name: str, train_backbone: bool, num_outputs: int, dilation: bool,
+                 from_scratch: bool = False):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet backbone {name!r}; choose one of {RESNETS}")
+        norm_layer = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and (train_all_stages or param_name.startswith(("layer2", "layer3", "layer4")))
+            trainable = train_backbone and (from_scratch or param_name.startswith(("layer2", "layer3", "layer4")))
             param.requires_grad_(trainable)
-        stages = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
+        stages = ["layer2", "layer3", "layer4"][-num_outputs:]
         self.body = ResNetBody(resnet, {stage: str(i) for i, stage in enumerate(stages)})
         self.num_channels = [_stage_channels(getattr(resnet, stage)) for stage in stages]
         self.strides = [STAGE_STRIDES[stage] for stage in stages]
@@ -86,13 +87,13 @@ class Backbone(nn.Module):
 
 
 class TransformerBackbone(nn.Module):
-    """Swin Transformer returning stages 1-3 (strides 8/16/32, 2C/4C/8C channels) or stage 3 alone."""
+    """Swin Transformer returning the last num_outputs of stages 1-3 (strides 8/16/32, 2C/4C/8C channels)."""
 
-    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, drop_path_rate: float):
+    def __init__(self, name: str, train_backbone: bool, num_outputs: int, drop_path_rate: float):
         super().__init__()
         from .swin_transformer import build_swin_backbone
 
-        out_indices = (1, 2, 3) if return_interm_layers else (3,)
+        out_indices = (1, 2, 3)[-num_outputs:]
         # upstream always checkpoints the Swin blocks to save memory
         self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=True,
                                         out_indices=out_indices)
@@ -125,14 +126,15 @@ class Joiner(nn.Sequential):
 def build_backbone(args):
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
-    return_interm_layers = args.num_feature_levels > 1
+    # the backbone gives up to three levels; further ones are made by strided convolutions in the head
+    num_outputs = min(args.num_feature_levels, 3)
     if args.backbone in RESNETS:
-        backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
-                            train_all_stages=not getattr(args, "pretrained_backbone", True))
+        backbone = Backbone(args.backbone, train_backbone, num_outputs, args.dilation,
+                            from_scratch=not getattr(args, "pretrained_backbone", True))
     elif args.backbone in SWINS:
         if args.dilation:
             raise ValueError("--dilation applies to ResNet backbones only")
-        backbone = TransformerBackbone(args.backbone, train_backbone, return_interm_layers, args.drop_path_rate)
+        backbone = TransformerBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate)
     else:
         raise ValueError(f"unknown --backbone {args.backbone!r}; choose one of {RESNETS + SWINS}")
     return Joiner(backbone, position_embedding)

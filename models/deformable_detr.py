@@ -103,7 +103,7 @@ class DeformableDETR(nn.Module):
         """1x1 conv + GroupNorm per backbone level; extra levels are 3x3 stride-2 convs on the last map."""
         projections = []
         in_channels = backbone.num_channels[-1]
-        for channels in backbone.num_channels[:num_feature_levels]:
+        for channels in backbone.num_channels:
             projections.append(nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1),
                                              nn.GroupNorm(32, hidden_dim)))
         for _ in range(num_feature_levels - len(backbone.num_channels)):

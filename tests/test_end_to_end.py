@@ -1,0 +1,137 @@
+"""End to end on a tiny synthetic COCO-format set: train, checkpoint, resume, evaluate, and the bad inputs."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import main as project_main
+from datasets.synthetic import make_synthetic_coco
+from util.checkpoint import load_checkpoint, save_checkpoint
+
+TINY_MODEL = [
+    "--device", "cpu", "--backbone", "resnet18", "--no_pretrained_backbone", "--lr_backbone", "1e-4",
+    "--num_feature_levels", "2", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
+    "--dim_feedforward", "64", "--dropout", "0.0", "--with_box_refine", "--two_stage", "--mixed_selection",
+    "--look_forward_twice", "--num_queries_one2one", "6", "--num_queries_one2many", "12", "--k_one2many", "2",
+    "--train_scales", "80", "96", "--val_scale", "96", "--max_size", "128", "--no_crop_augment",
+    "--batch_size", "2", "--num_workers", "0", "--print_freq", "100",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_coco")
+    make_synthetic_coco(root, num_train=4, num_val=3, image_size=96, seed=3)
+    return root
+
+
+def parse(*flags):
+    return project_main.get_args_parser().parse_args([*TINY_MODEL, *map(str, flags)])
+
+
+def train(coco, out, epochs, *extra):
+    project_main.main(parse("--coco_path", coco, "--output_dir", out, "--epochs", epochs, *extra))
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_coco, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_epochs")
+    return out, train(tiny_coco, out, 2)
+
+
+def test_training_writes_checkpoints_and_logs(two_epochs):
+    out, log = two_epochs
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for name in ("checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "eval/latest.pth"):
+        assert (out / name).is_file(), name
+    assert all(len(entry["test_coco_eval_bbox"]) == 12 for entry in log)
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["epoch"] == 1 and isinstance(checkpoint["args"], argparse.Namespace)
+    assert {"model", "optimizer", "lr_scheduler"} <= set(checkpoint)
+    assert not list(out.glob(".*.tmp")), "temporary checkpoint files left behind"
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(tiny_coco, two_epochs, tmp_path):
+    _, uninterrupted = two_epochs
+    first = train(tiny_coco, tmp_path, 1)
+    resumed = train(tiny_coco, tmp_path, 2, "--resume", tmp_path / "checkpoint.pth")
+    assert len(first) == 1 and [entry["epoch"] for entry in resumed] == [0, 1]
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox_one2many", "train_loss_giou_enc"):
+        assert resumed[1][key] == pytest.approx(uninterrupted[1][key], rel=1e-6, abs=1e-7), key
+    assert resumed[1]["test_coco_eval_bbox"] == pytest.approx(uninterrupted[1]["test_coco_eval_bbox"], abs=1e-6)
+
+
+def test_eval_of_a_checkpoint_gives_the_logged_ap(tiny_coco, two_epochs):
+    out, log = two_epochs
+    stats = project_main.main(parse("--coco_path", tiny_coco, "--eval", "--resume", out / "checkpoint.pth"))
+    assert stats["coco_eval_bbox"] == pytest.approx(log[-1]["test_coco_eval_bbox"], abs=1e-6)
+
+
+def test_eval_restores_the_training_state(tiny_coco, two_epochs):
+    from datasets import build_dataset, get_coco_api_from_dataset
+    from engine import evaluate
+    from models import build_model
+    from util.misc import collate_fn
+
+    args = parse("--coco_path", tiny_coco, "--num_classes", 7)
+    model, criterion, post = build_model(args)
+    model.train()
+    dataset = build_dataset("val", args)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_fn)
+    evaluate(model, criterion, post, loader, get_coco_api_from_dataset(dataset), "cpu")
+    assert model.training and model.num_queries == 18 and model.transformer.two_stage_num_proposals == 18
+
+
+def test_resume_from_a_missing_file_is_an_error(tiny_coco, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        project_main.main(parse("--coco_path", tiny_coco, "--resume", tmp_path / "nope.pth", "--epochs", 1))
+
+
+def test_missing_coco_path_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        project_main.main(parse("--coco_path", tmp_path / "no_such_dir", "--epochs", 1))
+
+
+def test_checkpoint_of_another_configuration_is_explained(tiny_coco, two_epochs):
+    out, _ = two_epochs
+    args = parse("--coco_path", tiny_coco, "--eval", "--resume", out / "checkpoint.pth",
+                 "--num_queries_one2one", 5)
+    with pytest.raises(RuntimeError, match=r"does not fit.*query_embed.*num_queries_one2one 6"):
+        project_main.main(args)
+
+
+def test_upstream_style_checkpoint_with_namespace_loads_safely(tmp_path):
+    path = tmp_path / "released.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=2e-4, backbone="resnet50"),
+                "epoch": 11}, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["args"].backbone == "resnet50" and torch.equal(checkpoint["model"]["w"], torch.ones(2))
+
+
+class NotATensor:
+    """Anything weights_only loading must refuse."""
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": NotATensor()}, path)
+    with pytest.raises(RuntimeError, match="evil.pth"):
+        load_checkpoint(path)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, path)
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
