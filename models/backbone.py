@@ -167,9 +167,16 @@ def _load_resnet_weights(body: ResNetBody, name: str, path):
                 "initialisation with --no_pretrained_backbone") from err
         source = weights.url
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{source} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own = body.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(f"{source} does not fit --backbone {name}: {len(missing)} tensors missing "
+                           f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(mismatched)} of "
+                           f"another shape {mismatched[:3]}; is it the right --pretrained_backbone_path?")
+    body.load_state_dict(state, strict=False)
     print(f"loaded ImageNet weights of {name} from {source}")
 
 

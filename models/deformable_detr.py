@@ -212,12 +212,17 @@ class PostProcess(nn.Module):
 
 
 def loss_weights(args):
-    """Weights of every loss term: final layer, auxiliary layers _0.._{D-2}, encoder _enc, and their _one2many."""
+    """Weights of every loss term: final layer, auxiliary layers _0.._{D-2}, encoder _enc, and their _one2many.
+
+    The _enc terms are weighted whenever there are encoder proposals (upstream dropped them with --no_aux_loss,
+    leaving the proposal heads untrained).
+    """
     base = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     weight_dict = dict(base)
     if args.aux_loss:
         for i in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+    if args.aux_loss or args.two_stage:
         weight_dict.update({f"{k}_enc": v for k, v in base.items()})
     hybrid = {}
     for key, value in weight_dict.items():

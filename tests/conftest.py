@@ -1,4 +1,4 @@
-"""Shared test set-up: the repository root on sys.path, the reference data location, small threads."""
+"""Shared test set-up: the repository root on sys.path, the reference data location, one thread."""
 import sys
 from pathlib import Path
 
@@ -10,7 +10,8 @@ REFERENCE = ROOT.parent / "shared" / "reference"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+# one thread: on small shared CI machines several threads mostly wait on each other
+torch.set_num_threads(1)
 
 
 @pytest.fixture

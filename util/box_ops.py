@@ -31,7 +31,7 @@ def generalized_box_iou(boxes1, boxes2):
     Degenerate boxes (x1 < x0 or y1 < y0) give inf/nan, so they are rejected early.
     """
     for name, boxes in (("first", boxes1), ("second", boxes2)):
-        bad = ~(boxes[:, 2:] >= boxes[:, :2]).all(-1)
+        bad = ~((boxes[:, 2:] >= boxes[:, :2]).all(-1) & torch.isfinite(boxes).all(-1))
         if bad.any():
             raise ValueError(
                 f"generalized_box_iou: {int(bad.sum())} of {len(boxes)} boxes in the {name} set are "

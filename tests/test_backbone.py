@@ -1,0 +1,132 @@
+"""ImageNet weights of the backbone (offline error, local files) and which backbone parameters train."""
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torchvision.models._api import WeightsEnum
+
+from models.backbone import load_pretrained_backbone
+
+from model_helpers import SMALL, build, parse
+
+R18 = SMALL + ["--backbone", "resnet18"]
+R18_STEM = ("conv1.", "bn1.", "layer1.")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every way torchvision could download weights raises URLError, as on a machine without network."""
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+
+
+def _resnet_file(tmp_path, name, seed=0):
+    """A torchvision-format ImageNet state dict (classifier included) of random values, saved to a file."""
+    torch.manual_seed(seed)
+    state = getattr(torchvision.models, name)(weights=None).state_dict()
+    with torch.no_grad():  # random BatchNorm statistics too, so a skipped buffer would be noticed
+        for key, value in state.items():
+            if value.is_floating_point() and value.dim() == 1:
+                value.copy_(torch.rand(value.shape) + 0.5)
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_offline_imagenet_weights_give_a_clear_error(offline):
+    model, _, _, _ = build(R18)
+    with pytest.raises(RuntimeError) as info:
+        load_pretrained_backbone(model, parse(R18))
+    message = str(info.value)
+    assert "--pretrained_backbone_path" in message and "--no_pretrained_backbone" in message
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+
+def test_local_resnet_file_is_loaded(tmp_path, offline):
+    path, state = _resnet_file(tmp_path, "resnet18")
+    flags = R18 + ["--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    load_pretrained_backbone(model, parse(flags))
+    body = model.backbone[0].body.state_dict()
+    compared = 0
+    for key, value in body.items():
+        assert torch.equal(value, state[key]), key
+        compared += 1
+    assert compared == len([k for k in state if not k.startswith("fc.") and "num_batches_tracked" not in k])
+
+
+def test_resnet_file_of_another_depth_is_rejected(tmp_path, offline):
+    """resnet18 weights lack resnet34's extra blocks: the error names the file and the missing keys."""
+    path, _ = _resnet_file(tmp_path, "resnet18")
+    flags = SMALL + ["--backbone", "resnet34", "--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    with pytest.raises(RuntimeError, match="does not fit --backbone resnet34") as info:
+        load_pretrained_backbone(model, parse(flags))
+    assert str(path) in str(info.value) and "layer1.2" in str(info.value)
+
+
+def test_resnet_file_of_another_architecture_is_rejected(tmp_path, offline):
+    """resnet18 (basic blocks) weights in a resnet50 (bottlenecks): shapes and keys differ."""
+    path, _ = _resnet_file(tmp_path, "resnet18")
+    flags = SMALL + ["--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_pretrained_backbone(model, parse(flags))
+
+
+def test_architecture_error_names_the_file_and_backbone(tmp_path, offline):
+    path, _ = _resnet_file(tmp_path, "resnet18")
+    flags = SMALL + ["--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    with pytest.raises(RuntimeError) as info:
+        load_pretrained_backbone(model, parse(flags))
+    assert str(path) in str(info.value) and "resnet50" in str(info.value)
+
+
+def test_missing_resnet_file(tmp_path, offline):
+    flags = R18 + ["--pretrained_backbone_path", str(tmp_path / "absent.pth")]
+    model, _, _, _ = build(flags)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        load_pretrained_backbone(model, parse(flags))
+
+
+def test_swin_without_its_file(tmp_path):
+    path = tmp_path / "swin_tiny_patch4_window7_224.pkl"
+    flags = SMALL + ["--backbone", "swin_tiny", "--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    with pytest.raises(FileNotFoundError) as info:
+        load_pretrained_backbone(model, parse(flags))
+    assert str(path) in str(info.value)
+
+
+def test_stem_and_layer1_are_frozen():
+    model, _, _, args = build(R18)
+    assert args.lr_backbone > 0
+    body = model.backbone[0].body
+    frozen = [n for n, p in body.named_parameters() if not p.requires_grad]
+    trainable = [n for n, p in body.named_parameters() if p.requires_grad]
+    assert frozen and all(n.startswith(R18_STEM) for n in frozen)
+    assert trainable and all(n.startswith(("layer2.", "layer3.", "layer4.")) for n in trainable)
+    assert {n.split(".")[0] for n in frozen} == {"conv1", "layer1"}  # FrozenBatchNorm has buffers only
+    assert {n.split(".")[0] for n in trainable} == {"layer2", "layer3", "layer4"}
+    # BatchNorm statistics and affine terms are frozen buffers
+    assert all(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for n, m in body.named_modules() if "bn" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone."))
+
+
+def test_lr_backbone_zero_freezes_the_backbone():
+    model, _, _, _ = build(R18 + ["--lr_backbone", "0"])
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone."))
+
+
+def test_resnet_layer4_is_the_last_module():
+    """The body stops at layer4: no average pooling or classifier parameters."""
+    model, _, _, _ = build(R18)
+    assert list(model.backbone[0].body.keys())[-1] == "layer4"
+    assert not any(k.startswith(("fc.", "avgpool")) for k in model.backbone[0].body.state_dict())
