@@ -63,8 +63,9 @@ class DeformableDETR(nn.Module):
         self.two_stage = two_stage
         self.mixed_selection = mixed_selection
 
-        class_embed = nn.Linear(hidden_dim, num_classes)
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        # registered in upstream's order, so that parameters (and optimizer states) line up with its checkpoints
+        self.class_embed = class_embed = nn.Linear(hidden_dim, num_classes)
+        self.bbox_embed = bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(self.num_queries, hidden_dim * 2)  # (position, content)
         elif mixed_selection:

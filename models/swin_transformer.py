@@ -158,8 +158,8 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim, norm_layer=nn.LayerNorm):
         super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)  # registered first, as in the official release
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x, h, w):
         """[B, H*W, C] -> [B, ceil(H/2)*ceil(W/2), 2C]."""

@@ -41,6 +41,8 @@ def test_state_dict_matches_upstream(reference_dir, name):
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert (n_params, n_trainable) == (config["n_params"], config["n_trainable_params"])
+        # same order too: optimizer states in upstream checkpoints are stored by parameter position
+        assert list(model.state_dict()) == list(config["state_dict"]), f"{name}: state-dict order differs"
     finally:
         del model
         gc.collect()
