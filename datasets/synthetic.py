@@ -26,15 +26,15 @@ _IMAGE_FILE_PATTERN = re.compile(r"^\d{12}\.(jpg|png)$")
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Difficulty knobs of the generator (lengths in pixels unless noted)."""
+    """Difficulty knobs of the generator (lengths in pixels unless noted); the defaults make the demo's data."""
 
-    image_size: int = 192            # geometric mean of image width and height
+    image_size: int = 128            # geometric mean of image width and height
     aspect_jitter: float = 0.25      # width / height drawn log-uniformly in [1 / (1 + j), 1 + j]
     min_objects: int = 1
     max_objects: int = 8
-    min_object_frac: float = 0.12    # object extent, as a fraction of the shorter image side,
-    max_object_frac: float = 0.45    # drawn log-uniformly between these two
-    min_visible: float = 0.6         # an object keeps at least this fraction of its pixels visible
+    min_object_frac: float = 0.18    # object extent, as a fraction of the shorter image side,
+    max_object_frac: float = 0.55    # drawn log-uniformly between these two
+    min_visible: float = 0.8         # an object keeps at least this fraction of its pixels visible
     rotation_jitter: float = 10.0    # degrees of rotation for square / diamond / cross
     texture_amplitude: float = 18.0  # grey levels of background texture (low contrast)
     min_color_distance: float = 90.0  # RGB distance of an object colour from the background colour
@@ -286,7 +286,7 @@ def read_manifest(out_dir):
         return None
 
 
-def make_synthetic_coco(out_dir, num_train, num_val, image_size=192, seed=0, **knobs):
+def make_synthetic_coco(out_dir, num_train, num_val, image_size=128, seed=0, **knobs):
     """Write the synthetic set under ``out_dir``; ``knobs`` are ``SyntheticConfig`` fields.
 
     Returns a summary: per split the number of images and objects, and the written paths. The manifest

@@ -135,3 +135,15 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_eval_of_a_swin_checkpoint_needs_no_imagenet_file(tiny_coco, tmp_path):
+    """--eval --resume of a Swin model reads only the checkpoint, not --pretrained_backbone_path."""
+    from models import build_model
+
+    flags = ["--coco_path", tiny_coco, "--backbone", "swin_tiny", "--num_classes", 7, "--batch_size", 3,
+             "--pretrained_backbone_path", tmp_path / "not_downloaded.pth"]
+    model, _, _ = build_model(parse(*flags))
+    save_checkpoint({"model": model.state_dict()}, tmp_path / "swin.pth")
+    stats = project_main.main(parse(*flags, "--eval", "--resume", tmp_path / "swin.pth"))
+    assert len(stats["coco_eval_bbox"]) == 12

@@ -272,3 +272,16 @@ def test_two_stage_with_more_queries_than_tokens():
     assert encoder_tokens(model, sizes) == 170 < 220
     with pytest.raises(ValueError, match="tokens"):
         model(images(sizes))
+
+
+def test_swin_tiny_hybrid_forward_backward_on_odd_sizes():
+    """A Swin-T H-Deformable-DETR (small transformer) trains one step on a batch of odd-sized images."""
+    model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--backbone", "swin_tiny"])
+    model.train()
+    sizes = [(97, 131), (111, 89)]
+    out = model(images(sizes))
+    assert_output_shapes(out, 2, 10, 20, 91, 2, aux=True, two_stage=True)
+    assert model.backbone.num_channels == [192, 384, 768] and model.backbone.strides == [8, 16, 32]
+    _, total = hybrid_total(out, targets([2, 3]), criterion, args)
+    total.backward()
+    assert_trainable_grads_finite(model)

@@ -21,7 +21,7 @@ def get_parser():
     parser.add_argument("--out", default="data/synthetic", type=Path, help="output folder")
     parser.add_argument("--num_train", default=800, type=int)
     parser.add_argument("--num_val", default=100, type=int)
-    parser.add_argument("--image_size", default=192, type=int, help="geometric mean of image width and height")
+    parser.add_argument("--image_size", default=128, type=int, help="geometric mean of image width and height")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--force", action="store_true", help="regenerate even if the output matches")
     for field in fields(SyntheticConfig):

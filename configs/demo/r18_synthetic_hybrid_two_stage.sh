@@ -13,8 +13,8 @@ python -u main.py \
     --device cpu \
     --backbone resnet18 \
     --no_pretrained_backbone \
-    --lr 4e-4 \
-    --lr_backbone 4e-4 \
+    --lr 5e-4 \
+    --lr_backbone 5e-4 \
     --num_feature_levels 3 \
     --hidden_dim 64 \
     --nheads 4 \
@@ -30,13 +30,13 @@ python -u main.py \
     --num_queries_one2many 120 \
     --k_one2many 4 \
     --lambda_one2many 1.0 \
-    --train_scales 160 176 192 208 224 \
-    --val_scale 192 \
-    --max_size 320 \
+    --train_scales 112 128 144 \
+    --val_scale 128 \
+    --max_size 256 \
     --no_crop_augment \
     --batch_size 8 \
-    --num_workers 1 \
-    --epochs 8 \
-    --lr_drop 7 \
-    --print_freq 20 \
+    --num_workers 0 \
+    --epochs 12 \
+    --lr_drop 10 \
+    --print_freq 50 \
     ${PY_ARGS}
