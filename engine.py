@@ -89,7 +89,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         if use_wandb:
             import wandb
 
-            wandb.log({k: float(v) for k, v in reduced.items()})
+            wandb.log({k: v.item() for k, v in reduced.items()})
         samples, targets = prefetcher.next()
 
     logger.synchronize_between_processes()

@@ -147,3 +147,14 @@ def test_eval_of_a_swin_checkpoint_needs_no_imagenet_file(tiny_coco, tmp_path):
     save_checkpoint({"model": model.state_dict()}, tmp_path / "swin.pth")
     stats = project_main.main(parse(*flags, "--eval", "--resume", tmp_path / "swin.pth"))
     assert len(stats["coco_eval_bbox"]) == 12
+
+
+def test_wandb_logging_offline(tiny_coco, tmp_path, monkeypatch):
+    """--use_wandb imports wandb only then and works with WANDB_MODE=offline (skipped without wandb)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_coco, tmp_path, 1, "--use_wandb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
