@@ -237,7 +237,6 @@ def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
         drops = sum(1 for m in args.lr_drop_epochs if m <= scheduler.last_epoch)
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base_lr * scheduler.gamma ** drops
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     if "scaler" in checkpoint and scaler is not None:
         scaler.load_state_dict(checkpoint["scaler"])
     args.start_epoch = checkpoint["epoch"] + 1
