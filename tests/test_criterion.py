@@ -8,6 +8,8 @@ import torch
 from models.criterion import SetCriterion, sigmoid_focal_loss
 from models.matcher import HungarianMatcher
 
+from model_helpers import giou_cxcywh
+
 NUM_CLASSES = 5
 LOSSES = ["labels", "boxes", "cardinality"]
 TERMS = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"}
@@ -109,7 +111,7 @@ def test_losses_are_normalised_by_the_number_of_boxes():
         for q, t in zip(src.tolist(), tgt.tolist()):
             pred, target = outputs["pred_boxes"][b, q], targets[b]["boxes"][t]
             l1 += (pred - target).abs().sum().item()
-            giou_loss += 1 - _giou_cxcywh(pred.tolist(), target.tolist())
+            giou_loss += 1 - giou_cxcywh(pred.tolist(), target.tolist())
             onehot[b, q, targets[b]["labels"][t]] = 1
     assert losses["loss_bbox"].item() == pytest.approx(l1 / num_boxes, rel=1e-5)
     assert losses["loss_giou"].item() == pytest.approx(giou_loss / num_boxes, rel=1e-5)
@@ -123,14 +125,6 @@ def test_losses_are_normalised_by_the_number_of_boxes():
     for term in ("loss_ce", "loss_bbox", "loss_giou"):
         torch.testing.assert_close(losses2[term], losses[term])
 
-
-def _giou_cxcywh(a, b):
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
 
 
 def _perfect_outputs(targets, extra=2):

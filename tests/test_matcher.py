@@ -7,17 +7,10 @@ import torch
 
 from models.matcher import HungarianMatcher
 
+from model_helpers import giou_cxcywh
+
 WEIGHTS = dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
 
-
-def _giou(a, b):
-    """GIoU of two cxcywh boxes given as lists of floats."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
 
 
 def _pair_cost(logits, box, label, target_box, alpha=0.25, gamma=2.0):
@@ -27,7 +20,7 @@ def _pair_cost(logits, box, label, target_box, alpha=0.25, gamma=2.0):
     negative = (1 - alpha) * p ** gamma * -math.log(1 - p + 1e-8)
     l1 = sum(abs(x - y) for x, y in zip(box, target_box))
     return (WEIGHTS["cost_class"] * (positive - negative) + WEIGHTS["cost_bbox"] * l1
-            - WEIGHTS["cost_giou"] * _giou(box, target_box))
+            - WEIGHTS["cost_giou"] * giou_cxcywh(box, target_box))
 
 
 def _brute_force(logits, boxes, labels, target_boxes):
