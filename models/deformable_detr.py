@@ -148,22 +148,25 @@ class DeformableDETR(nn.Module):
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = self.transformer(
             srcs, masks, pos, query_embeds, self_attn_mask)
 
-        outputs_classes, outputs_coords = [], []
+        # per decoder layer, split into the one-to-one and one-to-many groups before stacking (upstream's order,
+        # which keeps the gradients bit-identical to upstream's)
+        split = self.num_queries_one2one
+        one2one_class, one2many_class, one2one_coord, one2many_coord = [], [], [], []
         for level in range(hs.shape[0]):
             reference = inverse_sigmoid(init_reference if level == 0 else inter_references[level - 1])
-            outputs_classes.append(self.class_embed[level](hs[level]))
+            outputs_class = self.class_embed[level](hs[level])  # [B, Q, K]
             delta = self.bbox_embed[level](hs[level])
             if reference.shape[-1] == 4:
                 coord = delta + reference
             else:
                 coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_coords.append(coord.sigmoid())
-        outputs_class = torch.stack(outputs_classes)  # [D, B, Q, K]
-        outputs_coord = torch.stack(outputs_coords)  # [D, B, Q, 4]
-
-        split = self.num_queries_one2one
-        one2one_class, one2many_class = outputs_class[:, :, :split], outputs_class[:, :, split:]
-        one2one_coord, one2many_coord = outputs_coord[:, :, :split], outputs_coord[:, :, split:]
+            outputs_coord = coord.sigmoid()  # [B, Q, 4]
+            one2one_class.append(outputs_class[:, :split])
+            one2many_class.append(outputs_class[:, split:])
+            one2one_coord.append(outputs_coord[:, :split])
+            one2many_coord.append(outputs_coord[:, split:])
+        one2one_class, one2many_class = torch.stack(one2one_class), torch.stack(one2many_class)  # [D, B, Q1|Q2, K]
+        one2one_coord, one2many_coord = torch.stack(one2one_coord), torch.stack(one2many_coord)  # [D, B, Q1|Q2, 4]
         out = {
             "pred_logits": one2one_class[-1],
             "pred_boxes": one2one_coord[-1],
