@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from mmcv_custom import load_checkpoint as load_swin_checkpoint
 from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
@@ -97,6 +98,9 @@ class TransformerBackbone(nn.Module):
         # upstream always checkpoints the Swin blocks to save memory
         self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=True,
                                         out_indices=out_indices)
+        # re-initialised at construction as upstream does (truncated-normal Linear weights), which also keeps
+        # the random stream, hence drop-path masks, in step with upstream's; ImageNet weights come later
+        self.body.init_weights()
         for param in self.body.parameters():
             param.requires_grad_(train_backbone)
         self.num_channels = list(self.body.num_channels)
@@ -191,4 +195,4 @@ def load_pretrained_backbone(model, args):
             raise FileNotFoundError(
                 f"--pretrained_backbone_path {path!r} does not exist: {backbone.name} needs the official Swin "
                 "ImageNet file to start training (or pass --no_pretrained_backbone)")
-        backbone.body.init_weights(path)
+        load_swin_checkpoint(backbone.body, path, strict=False)

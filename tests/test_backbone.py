@@ -130,3 +130,42 @@ def test_resnet_layer4_is_the_last_module():
     model, _, _, _ = build(R18)
     assert list(model.backbone[0].body.keys())[-1] == "layer4"
     assert not any(k.startswith(("fc.", "avgpool")) for k in model.backbone[0].body.state_dict())
+
+
+SWIN_T = SMALL + ["--backbone", "swin_tiny"]
+
+
+def test_swin_is_initialised_at_construction_as_upstream():
+    """Upstream re-initialises the Swin body when it is built: truncated-normal (std 0.02) Linear weights, zero
+    biases, unit LayerNorms (plain nn.Linear defaults would have a std of about 0.06 and non-zero biases)."""
+    model, _, _, _ = build(SWIN_T)
+    body = model.backbone[0].body
+    linears = [m for m in body.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.LayerNorm)]
+    weights = torch.cat([m.weight.detach().flatten() for m in linears])
+    assert abs(weights.std().item() - 0.02) < 5e-4 and abs(weights.mean().item()) < 1e-4
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    assert all((m.weight == 1).all() and not m.bias.any() for m in norms)
+
+
+def test_local_swin_file_is_loaded_without_reinitialising(tmp_path):
+    """The ImageNet file is loaded over the body as built: its tensors are copied, the detection norms it lacks
+    keep their values (nothing is re-initialised, so no random numbers are drawn)."""
+    model, _, _, _ = build(SWIN_T)
+    body = model.backbone[0].body
+    gen = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in body.state_dict().items() if not k.startswith(("norm1.", "norm2.", "norm3."))}
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": state}, path)
+    with torch.no_grad():
+        for name, p in body.named_parameters():
+            if name.startswith(("norm1.", "norm2.", "norm3.")):
+                p.add_(0.5)
+    kept = {k: v.clone() for k, v in body.state_dict().items() if k.startswith(("norm1.", "norm2.", "norm3."))}
+    rng = torch.get_rng_state()
+    load_pretrained_backbone(model, parse(SWIN_T + ["--pretrained_backbone_path", str(path)]))
+    assert torch.equal(torch.get_rng_state(), rng)
+    loaded = body.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert all(torch.equal(loaded[k], v) for k, v in kept.items())
