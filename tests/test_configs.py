@@ -246,3 +246,14 @@ def test_run_dist_slurm_command(tmp_path):
 
     out = run(["bash", str(SLURM), "gpu", "hdetr"], env)
     assert out.returncode != 0 and "usage" in out.stderr
+
+
+@pytest.mark.parametrize("gpus, env, message", [
+    ("0", {}, "GPUS must be a positive integer"),
+    ("", {}, "GPUS must be a positive integer"),
+    ("8", {"GPUS_PER_NODE": "three"}, "GPUS_PER_NODE must be a positive integer"),
+])
+def test_run_dist_slurm_rejects(tmp_path, gpus, env, message):
+    out = run(["bash", str(SLURM), "gpu", "hdetr", gpus, CONFIG], clean_env(fake_bin(tmp_path, "srun"), **env))
+    assert out.returncode == 2 and message in out.stderr and "run_dist_slurm.sh" in out.stderr
+    assert out.stdout == ""

@@ -15,17 +15,7 @@ GPUS=$1
 CONFIG=$2
 shift 2
 
-case "$GPUS" in
-    ''|*[!0-9]*|0) echo "$0: GPUS must be a positive integer, got '$GPUS'" >&2; exit 2 ;;
-esac
-if [ "$GPUS" -lt 8 ]; then
-    GPUS_PER_NODE=${GPUS_PER_NODE:-$GPUS}
-else
-    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-fi
-case "$GPUS_PER_NODE" in
-    ''|*[!0-9]*|0) echo "$0: GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'" >&2; exit 2 ;;
-esac
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_counts.sh" "$0"
 if [ $((GPUS % GPUS_PER_NODE)) -ne 0 ]; then
     echo "$0: GPUS ($GPUS) must be a multiple of GPUS_PER_NODE ($GPUS_PER_NODE)" >&2
     exit 2

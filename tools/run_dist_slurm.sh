@@ -16,14 +16,7 @@ GPUS=$3
 CONFIG=$4
 shift 4
 
-case "$GPUS" in
-    ''|*[!0-9]*|0) echo "$0: GPUS must be a positive integer, got '$GPUS'" >&2; exit 2 ;;
-esac
-if [ "$GPUS" -lt 8 ]; then
-    GPUS_PER_NODE=${GPUS_PER_NODE:-$GPUS}
-else
-    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_counts.sh" "$0"
 CPUS_PER_TASK=${CPUS_PER_TASK:-4}
 SRUN_ARGS=${SRUN_ARGS:-""}
 
