@@ -8,7 +8,6 @@ bash and a fake `python` to see the arguments it really passes. The launchers ar
 import json
 import os
 import re
-import shlex
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from main import get_args_parser  # noqa: E402
+from util.config_script import read_config_script  # noqa: E402
 
 CONFIGS = REPO / "configs"
 REFERENCE = REPO.parent / "shared" / "reference" / "configs.json"
@@ -33,14 +33,7 @@ def rel(path):
     return path.relative_to(REPO).as_posix()
 
 
-def read_config(path):
-    """(EXP_DIR, main.py flags with ${EXP_DIR} substituted) read from the script text."""
-    text = path.read_text().replace("\\\n", " ")
-    exp_dir = re.search(r"^EXP_DIR=(\S+)\s*$", text, re.M).group(1)
-    command = re.search(r"^python -u main\.py (.*)$", text, re.M).group(1)
-    words = shlex.split(command)
-    assert words[-1] == "${PY_ARGS}", "extra arguments must come last"
-    return exp_dir, [w.replace("${EXP_DIR}", exp_dir) for w in words[:-1]]
+read_config = read_config_script
 
 
 def parse(flags):

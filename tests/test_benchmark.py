@@ -1,0 +1,106 @@
+"""tools/benchmark.py: timing as evaluation runs the model, inputs from the dataset or of a given size, errors."""
+import runpy
+import sys
+
+import pytest
+import torch
+
+from datasets.synthetic import make_synthetic_coco
+from util.checkpoint import save_checkpoint
+
+from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
+
+TOOL = runpy.run_path(str(ROOT / "tools" / "benchmark.py"))  # its functions, without running main
+FLAGS = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2"]
+
+
+def test_measure_times_the_one_to_one_queries_in_eval_mode():
+    model, _, _, _ = build(FLAGS)
+    model.train()
+    seen = []
+    forward = model.forward
+
+    def recording(samples):
+        seen.append((model.num_queries, model.transformer.two_stage_num_proposals, model.training,
+                     torch.is_grad_enabled()))
+        return forward(samples)
+
+    model.forward = recording
+    times = TOOL["measure"](model, [torch.randn(3, 64, 80)], torch.device("cpu"), num_iters=3, warm_iters=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert seen == [(10, 10, False, False)] * 3  # 10 one-to-one of 30 queries, eval mode, no autograd
+    assert model.training and model.num_queries == 30  # restored afterwards
+
+
+def test_random_image_of_a_given_size(capsys):
+    fps = TOOL["main"](["--image_size", "96", "112", "--num_iters", "3", "--warm_iters", "1", "--batch_size", "2",
+                        *FLAGS])
+    out = capsys.readouterr().out
+    assert fps > 0 and "input 2 x (3, 96, 112) on cpu, 2 timed passes" in out
+    assert f"Inference Speed: {fps:.1f} FPS" in out
+
+
+def test_first_validation_image_and_a_checkpoint(tmp_path, capsys):
+    make_synthetic_coco(tmp_path / "data", 0, 2, image_size=96, seed=1)
+    flags = FLAGS + ["--coco_path", str(tmp_path / "data"), "--val_scale", "96", "--max_size", "128"]
+    model, _, _, args = build(flags + ["--num_classes", "7"])
+    save_checkpoint({"model": model.state_dict(), "args": args}, tmp_path / "model.pth")
+    TOOL["main"](["--num_iters", "2", "--warm_iters", "1", "--resume", str(tmp_path / "model.pth"), *flags])
+    first_image = TOOL["build_dataset"]("val", parse(flags))[0][0]
+    # the checkpoint's 7 classes are also what the annotations give (ids 1..6)
+    assert f"input 1 x {tuple(first_image.shape)} on cpu" in capsys.readouterr().out
+
+    model, _, _, args = build(flags + ["--num_classes", "5"])
+    save_checkpoint({"model": model.state_dict(), "args": args}, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="class_embed"):
+        TOOL["main"](["--num_iters", "2", "--warm_iters", "1", "--resume", str(tmp_path / "other.pth"), *flags])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_iters", "3", "--warm_iters", "3"], "--warm_iters"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_errors(argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        TOOL["main"](["--image_size", "64", "64", *FLAGS, *argv])
+
+
+def test_command_line_error_is_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tools/benchmark.py", "--image_size", "64", "64", "--num_iters", "0", *FLAGS])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "tools" / "benchmark.py"), run_name="__main__")
+    assert str(info.value.code).startswith("benchmark: need 0 <= --warm_iters")
+
+
+def test_model_from_a_config_script_with_overrides(monkeypatch, capsys):
+    built = []
+    build_model = TOOL["main"].__globals__["build_model"]
+
+    def recording(args):
+        built.append(args)
+        return build_model(args)
+
+    monkeypatch.setitem(TOOL["main"].__globals__, "build_model", recording)
+    TOOL["main"](["--config", str(ROOT / "configs/demo/r18_synthetic_hybrid_two_stage.sh"), "--image_size", "64", "80",
+                  "--num_iters", "2", "--warm_iters", "1", "--num_queries_one2one", "12"])
+    (args,) = built
+    assert (args.backbone, args.hidden_dim, args.two_stage, args.num_queries_one2many) == ("resnet18", 64, True, 120)
+    assert args.num_queries_one2one == 12  # given on the command line: overrides the config's 30
+    assert "Inference Speed" in capsys.readouterr().out
+
+
+def test_config_script_errors(tmp_path):
+    read = TOOL["read_config_script"]
+    with pytest.raises(FileNotFoundError, match="no config script"):
+        read(tmp_path / "none.sh")
+    (tmp_path / "a.sh").write_text("echo hello\n")
+    with pytest.raises(ValueError, match="not a config script"):
+        read(tmp_path / "a.sh")
+    (tmp_path / "b.sh").write_text("EXP_DIR=exps/b\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n  --two_stage\n")
+    with pytest.raises(ValueError, match="must end with"):
+        read(tmp_path / "b.sh")
+    (tmp_path / "c.sh").write_text("EXP_DIR=exps/c\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n  ${PY_ARGS}\n")
+    assert read(tmp_path / "c.sh") == ("exps/c", ["--output_dir", "exps/c"])

@@ -1,0 +1,24 @@
+"""Read the main.py flags out of a config script (configs/**/*.sh), for tools that take a config."""
+import re
+import shlex
+from pathlib import Path
+
+
+def read_config_script(path):
+    """(EXP_DIR, the main.py flags with ${EXP_DIR} substituted) of a config script, read from its text.
+
+    The scripts set EXP_DIR, then run `python -u main.py <flags> ${PY_ARGS}`, with line continuations.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config script at {path}")
+    text = path.read_text().replace("\\\n", " ")
+    exp_dir = re.search(r"^EXP_DIR=(\S+)\s*$", text, re.M)
+    command = re.search(r"^python -u main\.py (.*)$", text, re.M)
+    if exp_dir is None or command is None:
+        raise ValueError(f"{path} is not a config script (it needs an EXP_DIR= line and a `python -u main.py` "
+                         "command)")
+    words = shlex.split(command.group(1))
+    if not words or words[-1] != "${PY_ARGS}":
+        raise ValueError(f"{path}: the main.py command must end with ${{PY_ARGS}}")
+    return exp_dir.group(1), [w.replace("${EXP_DIR}", exp_dir.group(1)) for w in words[:-1]]
