@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
 from engine import one2one_queries  # noqa: E402
-from main import get_args_parser, resolve_num_classes  # noqa: E402
+from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import read_config_script  # noqa: E402
@@ -69,9 +69,8 @@ def main(argv=None):
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     config_flags = read_config_script(args.config)[1] if args.config else []
     model_args = get_args_parser().parse_args(config_flags + rest)
+    check_device(model_args)
     device = torch.device(model_args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available here: pass --device cpu")
 
     model_args.eval = True  # the class count, like the input, comes from the validation split
     if args.image_size is None:
