@@ -1,0 +1,134 @@
+"""tools/infer.py: the model rebuilt from a checkpoint, detections in original pixels, drawings, bad inputs."""
+import argparse
+import json
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+
+from datasets import build_dataset
+from datasets.synthetic import make_synthetic_coco
+from engine import one2one_queries
+from util.checkpoint import save_checkpoint
+
+from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
+
+TOOL = runpy.run_path(str(ROOT / "tools" / "infer.py"))
+FLAGS = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2",
+                                    "--val_scale", "72", "--max_size", "128", "--topk", "20"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    make_synthetic_coco(root / "coco", 0, 3, image_size=96, seed=2)
+    return root
+
+
+def trained(data, tmp_path, extra=(), keep_args=True):
+    """A checkpoint (random weights, as main.py saves them) of the small model, and its arguments."""
+    flags = FLAGS + ["--coco_path", str(data / "coco"), "--num_classes", "7", *extra]
+    model, _, _, args = build(flags, seed=1)
+    state = {"model": model.state_dict()}
+    if keep_args:
+        state["args"] = args
+    save_checkpoint(state, tmp_path / "checkpoint.pth")
+    return tmp_path / "checkpoint.pth", model, args
+
+
+def test_detections_equal_evaluation_on_the_same_image(data, tmp_path, capsys):
+    checkpoint, model, args = trained(data, tmp_path)
+    out = tmp_path / "out"
+    code = TOOL["main"](["--resume", str(checkpoint), "--images", str(data / "coco" / "val2017"), "--out", str(out),
+                         "--threshold", "0"])
+    assert code == 0
+    results = json.loads((out / "detections.json").read_text())
+    assert len(results) == 3 and all(len(r["detections"]) == 20 for r in results)  # --topk 20 from the checkpoint
+
+    # what evaluation computes for the first validation image, in its original pixels
+    dataset = build_dataset("val", args)
+    image, target = dataset[0]
+    with torch.no_grad(), one2one_queries(model):
+        expected = TOOL["build_model"](args)[2]["bbox"](model([image]), target["orig_size"][None])[0]
+    first = next(r for r in results if r["file"].endswith(dataset.coco.imgs[dataset.ids[0]]["file_name"]))
+    assert (first["height"], first["width"]) == tuple(target["orig_size"].tolist())
+    torch.testing.assert_close(torch.tensor([d["box"] for d in first["detections"]]), expected["boxes"],
+                               atol=0.051, rtol=0)  # rounded to 0.1 px
+    torch.testing.assert_close(torch.tensor([d["score"] for d in first["detections"]]), expected["scores"],
+                               atol=5e-5, rtol=0)
+    assert [d["label"] for d in first["detections"]] == expected["labels"].tolist()
+    names = {c["id"]: c["name"] for c in dataset.coco.dataset["categories"]}
+    assert all(d.get("name") == names.get(d["label"]) for d in first["detections"])
+    assert len(list(out.glob("*_detections.jpg"))) == 3
+    assert "3 images)" in capsys.readouterr().out
+
+
+def test_threshold_no_draw_and_an_unreadable_image(data, tmp_path, capsys):
+    checkpoint, _, _ = trained(data, tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((data / "coco" / "val2017").iterdir()), images / "good.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    (images / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    code = TOOL["main"](["--resume", str(checkpoint), "--images", str(images), "--out", str(out), "--threshold",
+                         "0.5", "--no_draw"])
+    assert code == 1
+    (result,) = json.loads((out / "detections.json").read_text())
+    assert result["file"].endswith("good.jpg") and all(d["score"] >= 0.5 for d in result["detections"])
+    assert not list(out.glob("*.jpg"))
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_upstream_style_checkpoint_and_flag_overrides(data, tmp_path):
+    """A checkpoint whose args lack this project's newer flags (as upstream's) still rebuilds its model; a flag
+    given on the command line overrides the saved one."""
+    checkpoint, _, args = trained(data, tmp_path, extra=["--topk", "5"])
+    saved = torch.load(checkpoint, weights_only=False)
+    old = {k: v for k, v in vars(saved["args"]).items() if k not in ("num_classes", "val_scale", "max_size")}
+    saved["args"] = argparse.Namespace(**old)
+    torch.save(saved, tmp_path / "upstream_style.pth")
+    model_args = TOOL["model_arguments"](saved, None, ["--topk", "3", "--device", "cpu"])
+    assert model_args.topk == 3 and model_args.hidden_dim == 32 and model_args.val_scale is None
+    with pytest.raises(RuntimeError, match="class_embed"):  # 91 COCO classes by default, the file has 7
+        TOOL["main"](["--resume", str(tmp_path / "upstream_style.pth"), "--images", str(data / "coco" / "val2017"),
+                      "--out", str(tmp_path / "out")])
+    code = TOOL["main"](["--resume", str(tmp_path / "upstream_style.pth"), "--images", str(data / "coco" / "val2017"),
+                         "--out", str(tmp_path / "out"), "--num_classes", "7", "--threshold", "0"])
+    results = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert code == 0 and all(len(r["detections"]) == 5 for r in results)
+
+
+def test_checkpoint_without_arguments_needs_a_config(data, tmp_path):
+    checkpoint, _, _ = trained(data, tmp_path, keep_args=False)
+    argv = ["--resume", str(checkpoint), "--images", str(data / "coco" / "val2017"), "--out", str(tmp_path / "o")]
+    with pytest.raises(RuntimeError, match="missing|unexpected|shape"):  # the default (full-size) model
+        TOOL["main"](argv + ["--device", "cpu"])
+    config = tmp_path / "small.sh"
+    config.write_text("EXP_DIR=exps/small\npython -u main.py \\\n" + " ".join(FLAGS + ["--num_classes", "7"])
+                      + " \\\n    ${PY_ARGS}\n")
+    assert TOOL["main"](argv + ["--config", str(config)]) == 0
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    (["--images", "x.jpg", "--out", "o"], ValueError, "--resume"),
+    (["--images", "nowhere/", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image or directory"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image files"),
+])
+def test_bad_inputs(data, tmp_path, argv, error, message):
+    checkpoint, _, _ = trained(data, tmp_path)
+    (tmp_path / "empty").mkdir()
+    argv = [str(checkpoint) if a == "CKPT" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    with pytest.raises(error, match=message):
+        TOOL["main"](argv)
+
+
+def test_command_line_error_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["tools/infer.py", "--images", "x", "--out", str(tmp_path), "--resume",
+                                      str(tmp_path / "missing.pth")])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "tools" / "infer.py"), run_name="__main__")
+    assert str(info.value.code).startswith("infer: ") and "missing.pth" in str(info.value.code)
+    assert parse([]).topk == 100  # the tool changes no default of main.py

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Detect objects in image files with a trained model; write the detections as JSON and draw them.
+
+    python tools/infer.py --resume exps/run/checkpoint.pth --images photo.jpg photos/ --out detections/
+                          [--threshold 0.3] [--no_draw] [--config configs/...sh] [main.py flags]
+
+The model is built from the arguments saved in the checkpoint (else from --config), overridden by main.py flags
+given here (e.g. --device cpu), and run as evaluation runs it: one-to-one queries, the validation resize
+(--val_scale / --max_size). Boxes are in the pixels of each original image. Category names come from the
+annotation file under --coco_path when there is one. An image that cannot be read is reported and skipped.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import ImageDraw  # noqa: E402
+
+from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_options  # noqa: E402
+from datasets.transforms import make_coco_transforms  # noqa: E402
+from engine import one2one_queries  # noqa: E402
+from main import check_device, get_args_parser  # noqa: E402
+from models import build_model  # noqa: E402
+from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.config_script import read_config_script  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def infer_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser.add_argument("--images", nargs="+", required=True, help="image files and/or directories of images")
+    parser.add_argument("--out", required=True, help="output directory: detections.json and drawn images")
+    parser.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
+    parser.add_argument("--no_draw", action="store_true", help="write detections.json only")
+    parser.add_argument("--config", default=None, help="config script whose main.py flags build the model "
+                                                       "(when the checkpoint carries no arguments)")
+    return parser
+
+
+def model_arguments(checkpoint, config, flags):
+    """main.py arguments: the checkpoint's saved ones (or the config's), then the flags given here on top."""
+    parser = get_args_parser()
+    base = parser.parse_args(read_config_script(config)[1] if config else [])
+    saved = checkpoint.get("args")
+    if saved is not None and not config:
+        for name, value in vars(saved).items():
+            if hasattr(base, name):  # upstream's checkpoints lack our newer flags: those keep their defaults
+                setattr(base, name, copy.deepcopy(value))
+    return parser.parse_args(flags, namespace=base)
+
+
+def image_paths(inputs):
+    """The image files among `inputs`, directories expanded (sorted); a missing path is an error."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"no image or directory at {item}")
+    if not paths:
+        raise FileNotFoundError(f"no image files in {' '.join(inputs)}")
+    return paths
+
+
+def category_names(args):
+    """{category id: name} from the annotation file under --coco_path, or {} when there is none."""
+    for _, ann_file in (COCO_SPLITS["val"], COCO_SPLITS["train"]):
+        path = Path(args.coco_path) / ann_file
+        if path.is_file():
+            return {int(c["id"]): c["name"] for c in json.loads(path.read_text()).get("categories", [])}
+    return {}
+
+
+@torch.no_grad()
+def detect(model, postprocess, transform, image, device, threshold):
+    """Detections of one PIL image: a list of {"label", "score", "box"} (xyxy pixels), best first."""
+    tensor, _ = transform(image, {})
+    width, height = image.size
+    with one2one_queries(model):
+        outputs = model([tensor.to(device)])
+    result = postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
+    keep = result["scores"] >= threshold
+    return [{"label": int(label), "score": round(float(score), 4), "box": [round(float(v), 1) for v in box]}
+            for score, label, box in zip(result["scores"][keep], result["labels"][keep], result["boxes"][keep])]
+
+
+def draw(image, detections, names):
+    """A copy of the image with each detection's box and "name score" drawn."""
+    image = image.copy()
+    canvas = ImageDraw.Draw(image)
+    for det in detections:
+        x0, y0, x1, y1 = det["box"]
+        canvas.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=2)
+        canvas.text((x0 + 2, y0 + 1), f"{names.get(det['label'], det['label'])} {det['score']:.2f}",
+                    fill=(255, 255, 0))
+    return image
+
+
+def main(argv=None):
+    args, rest = infer_args_parser().parse_known_args(argv)
+    resume = get_args_parser().parse_known_args(rest)[0].resume
+    if not resume:
+        raise ValueError("pass the trained model with --resume <checkpoint>")
+    checkpoint = load_checkpoint(resume)
+    model_args = model_arguments(checkpoint, args.config, rest)
+    check_device(model_args)
+    device = torch.device(model_args.device)
+    paths = image_paths(args.images)
+
+    model, _, postprocessors = build_model(model_args)
+    load_model_state(model, checkpoint, resume, model_args)
+    model.to(device)
+    transform = make_coco_transforms("val", **transform_options(model_args))
+    names = category_names(model_args)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, skipped = [], []
+    for path in paths:
+        try:
+            image = decode_image(read_bytes(path), path)
+        except (OSError, RuntimeError) as err:
+            skipped.append(str(path))
+            print(f"skipped {path}: {err}", file=sys.stderr)
+            continue
+        detections = detect(model, postprocessors["bbox"], transform, image, device, args.threshold)
+        for det in detections:
+            if det["label"] in names:
+                det["name"] = names[det["label"]]
+        results.append({"file": str(path), "width": image.width, "height": image.height, "detections": detections})
+        if not args.no_draw:
+            draw(image, detections, names).save(out / f"{path.stem}_detections.jpg", quality=90)
+        print(f"{path}: {len(detections)} detections")
+    (out / "detections.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'detections.json'} ({len(results)} images" + (f", {len(skipped)} skipped)" if skipped
+                                                                          else ")"))
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        sys.exit(f"infer: {err}")
