@@ -41,9 +41,6 @@ def main(argv=None):
             else:
                 print(f"{path}: {s['epochs']} epochs, no evaluation yet")
         if args.out:
-            for path in args.paths:  # a misspelt field fails here, before matplotlib is needed
-                for field in args.fields:
-                    plot_utils.metric_series(plot_utils.read_log(path), field)
             plot_utils.plot_logs(args.paths, fields=args.fields, ewm_col=args.ewm, out=args.out)
     if args.out:
         print(f"wrote {args.out}")

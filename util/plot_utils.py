@@ -111,16 +111,18 @@ def plot_logs(logs, fields=("class_error", "loss_bbox_unscaled", "mAP"), ewm_col
     """
     if isinstance(logs, (str, Path)):
         logs = [logs]
-    runs = [(Path(p), read_log(Path(p) / log_name if Path(p).is_dir() else p)) for p in logs]
+    runs = []
+    for p in map(Path, logs):
+        records = read_log(p / log_name if p.is_dir() else p)
+        # every series first: a misspelt field fails before matplotlib is needed
+        runs.append((p.name if p.is_dir() else p.parent.name, [metric_series(records, f) for f in fields]))
     plt = _pyplot()
     fig, axes = plt.subplots(ncols=len(fields), figsize=(5 * len(fields), 4), squeeze=False)
     axes = axes[0]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for run_index, (path, records) in enumerate(runs):
+    for run_index, (label, series) in enumerate(runs):
         colour = colours[run_index % len(colours)]
-        label = path.name if path.is_dir() else path.parent.name
-        for ax, field in zip(axes, fields):
-            epochs, train, test = metric_series(records, field)
+        for ax, (epochs, train, test) in zip(axes, series):
             if not all(math.isnan(v) for v in train):
                 ax.plot(epochs, smooth(train, ewm_col), color=colour, label=f"{label} train")
             if not all(math.isnan(v) for v in test):
