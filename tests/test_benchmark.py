@@ -7,6 +7,7 @@ import torch
 
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import save_checkpoint
+from util.config_script import read_config_script
 
 from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
@@ -94,7 +95,7 @@ def test_model_from_a_config_script_with_overrides(monkeypatch, capsys):
 
 
 def test_config_script_errors(tmp_path):
-    read = TOOL["read_config_script"]
+    read = read_config_script
     with pytest.raises(FileNotFoundError, match="no config script"):
         read(tmp_path / "none.sh")
     (tmp_path / "a.sh").write_text("echo hello\n")

@@ -33,9 +33,6 @@ def rel(path):
     return path.relative_to(REPO).as_posix()
 
 
-read_config = read_config_script
-
-
 def parse(flags):
     return get_args_parser().parse_args(flags)
 
@@ -77,7 +74,7 @@ def test_script_shape(path):
     assert "set -x" in lines
     assert "PY_ARGS=${@:1}" in lines
     assert path.stat().st_mode & stat.S_IXUSR, "config scripts must be executable"
-    exp_dir, flags = read_config(path)
+    exp_dir, flags = read_config_script(path)
     assert exp_dir.startswith("exps/")
     args = parse(flags)
     assert args.output_dir == exp_dir
@@ -87,7 +84,7 @@ def test_script_shape(path):
 def test_name_matches_flags(path):
     """Every setting the file name encodes is what main.py receives; the rest stays at the defaults."""
     name = path.stem
-    args = parse(read_config(path)[1])
+    args = parse(read_config_script(path)[1])
     default = parse([])
 
     def number(pattern):
@@ -134,7 +131,7 @@ def test_name_matches_flags(path):
 @pytest.mark.parametrize("path", ALL_SCRIPTS, ids=rel)
 def test_bash_passes_flags_then_extra_args(path, tmp_path):
     """Run the script for real with a fake `python`: the text reading above agrees with bash, extras go last."""
-    exp_dir, flags = read_config(path)
+    exp_dir, flags = read_config_script(path)
     extra = ["--resume", "ckpt.pth", "--eval"]
     env = clean_env(fake_bin(tmp_path, "python"))
     out = run(["bash", str(path), *extra], env, cwd=tmp_path)
@@ -147,7 +144,7 @@ def test_matches_reference_list():
     reference = json.loads(REFERENCE.read_text())
     assert {rel(p) for p in UPSTREAM_SCRIPTS} == set(reference)
     for name, entry in reference.items():
-        exp_dir, flags = read_config(REPO / name)
+        exp_dir, flags = read_config_script(REPO / name)
         assert exp_dir == entry["exp_dir"], name
         assert flags == [a.replace("${EXP_DIR}", exp_dir) for a in entry["args"]], name
 

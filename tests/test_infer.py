@@ -90,7 +90,8 @@ def test_upstream_style_checkpoint_and_flag_overrides(data, tmp_path):
     old = {k: v for k, v in vars(saved["args"]).items() if k not in ("num_classes", "val_scale", "max_size")}
     saved["args"] = argparse.Namespace(**old)
     torch.save(saved, tmp_path / "upstream_style.pth")
-    model_args = TOOL["model_arguments"](saved, None, ["--topk", "3", "--device", "cpu"])
+    model_args = TOOL["main_arguments"](TOOL["get_args_parser"](), ["--topk", "3", "--device", "cpu"],
+                                        saved=saved["args"])
     assert model_args.topk == 3 and model_args.hidden_dim == 32 and model_args.val_scale is None
     with pytest.raises(RuntimeError, match="class_embed"):  # 91 COCO classes by default, the file has 7
         TOOL["main"](["--resume", str(tmp_path / "upstream_style.pth"), "--images", str(data / "coco" / "val2017"),

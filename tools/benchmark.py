@@ -23,7 +23,7 @@ from engine import one2one_queries  # noqa: E402
 from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from util.config_script import read_config_script  # noqa: E402
+from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 
@@ -67,8 +67,7 @@ def main(argv=None):
         raise ValueError(f"need 0 <= --warm_iters ({args.warm_iters}) < --num_iters ({args.num_iters})")
     if args.batch_size <= 0:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
-    config_flags = read_config_script(args.config)[1] if args.config else []
-    model_args = get_args_parser().parse_args(config_flags + rest)
+    model_args = main_arguments(get_args_parser(), rest, args.config)
     check_device(model_args)
     device = torch.device(model_args.device)
 

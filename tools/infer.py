@@ -10,7 +10,6 @@ given here (e.g. --device cpu), and run as evaluation runs it: one-to-one querie
 annotation file under --coco_path when there is one. An image that cannot be read is reported and skipped.
 """
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from engine import one2one_queries  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from util.config_script import read_config_script  # noqa: E402
+from util.config_script import main_arguments  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -40,18 +39,6 @@ def infer_args_parser():
     parser.add_argument("--config", default=None, help="config script whose main.py flags build the model "
                                                        "(when the checkpoint carries no arguments)")
     return parser
-
-
-def model_arguments(checkpoint, config, flags):
-    """main.py arguments: the checkpoint's saved ones (or the config's), then the flags given here on top."""
-    parser = get_args_parser()
-    base = parser.parse_args(read_config_script(config)[1] if config else [])
-    saved = checkpoint.get("args")
-    if saved is not None and not config:
-        for name, value in vars(saved).items():
-            if hasattr(base, name):  # upstream's checkpoints lack our newer flags: those keep their defaults
-                setattr(base, name, copy.deepcopy(value))
-    return parser.parse_args(flags, namespace=base)
 
 
 def image_paths(inputs):
@@ -109,7 +96,7 @@ def main(argv=None):
     if not resume:
         raise ValueError("pass the trained model with --resume <checkpoint>")
     checkpoint = load_checkpoint(resume)
-    model_args = model_arguments(checkpoint, args.config, rest)
+    model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
     check_device(model_args)
     device = torch.device(model_args.device)
     paths = image_paths(args.images)

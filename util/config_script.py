@@ -1,4 +1,5 @@
 """Read the main.py flags out of a config script (configs/**/*.sh), for tools that take a config."""
+import copy
 import re
 import shlex
 from pathlib import Path
@@ -22,3 +23,15 @@ def read_config_script(path):
     if not words or words[-1] != "${PY_ARGS}":
         raise ValueError(f"{path}: the main.py command must end with ${{PY_ARGS}}")
     return exp_dir.group(1), [w.replace("${EXP_DIR}", exp_dir.group(1)) for w in words[:-1]]
+
+
+def main_arguments(parser, flags, config=None, saved=None):
+    """main.py arguments from `parser`: the config script's flags (when `config` is given), else the arguments
+    saved in a checkpoint (`saved`, a Namespace; names the parser does not know are left out, names it knows but
+    `saved` lacks keep their defaults), then `flags` on top of either."""
+    base = parser.parse_args(read_config_script(config)[1] if config else [])
+    if saved is not None and not config:
+        for name, value in vars(saved).items():
+            if hasattr(base, name):
+                setattr(base, name, copy.deepcopy(value))
+    return parser.parse_args(flags, namespace=base)
