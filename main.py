@@ -74,15 +74,17 @@ def get_args_parser():
     parser.add_argument("--num_queries_one2one", default=300, type=int,
                         help="number of queries trained with one-to-one matching (used at evaluation)")
     parser.add_argument("--num_queries_one2many", default=0, type=int,
-                        help="number of extra queries trained with one-to-many matching")
+                        help="number of extra queries trained with one-to-many matching (the hybrid branch; 0: off)")
     parser.add_argument("--dec_n_points", default=4, type=int)
     parser.add_argument("--enc_n_points", default=4, type=int)
     # Deformable DETR tricks
     parser.add_argument("--mixed_selection", action="store_true", default=False)
     parser.add_argument("--look_forward_twice", action="store_true", default=False)
-    # hybrid branch
-    parser.add_argument("--k_one2many", default=5, type=int)
-    parser.add_argument("--lambda_one2many", default=1.0, type=float)
+    # hybrid branch: on when --num_queries_one2many > 0
+    parser.add_argument("--k_one2many", default=5, type=int,
+                        help="times the ground truth is repeated for the one-to-many queries (used only with "
+                             "--num_queries_one2many > 0, which needs it > 0)")
+    parser.add_argument("--lambda_one2many", default=1.0, type=float, help="weight of the one-to-many losses")
 
     # segmentation (DETR leftover)
     parser.add_argument("--masks", action="store_true", help="not supported by the deformable model")
@@ -97,8 +99,6 @@ def get_args_parser():
     parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
 
     # loss coefficients
-    parser.add_argument("--mask_loss_coef", default=1, type=float)
-    parser.add_argument("--dice_loss_coef", default=1, type=float)
     parser.add_argument("--cls_loss_coef", default=2, type=float)
     parser.add_argument("--bbox_loss_coef", default=5, type=float)
     parser.add_argument("--giou_loss_coef", default=2, type=float)
@@ -107,8 +107,6 @@ def get_args_parser():
     # dataset
     parser.add_argument("--dataset_file", default="coco")
     parser.add_argument("--coco_path", default="./data/coco", type=str)
-    parser.add_argument("--coco_panoptic_path", type=str)
-    parser.add_argument("--remove_difficult", action="store_true")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classifier size; by default the largest category id of the annotation "
                              "file + 1 (91 for COCO)")
@@ -136,11 +134,25 @@ def get_args_parser():
 
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
-    parser.add_argument("--use_checkpoint", default=False, action="store_true")
+    parser.add_argument("--use_checkpoint", default=False, action="store_true",
+                        help="gradient checkpointing: recompute the transformer's encoder and decoder layers in "
+                             "backward to save memory (Swin backbones checkpoint their blocks by default, as "
+                             "upstream; see --no_backbone_checkpoint)")
+    parser.add_argument("--no_backbone_checkpoint", dest="backbone_checkpoint", action="store_false",
+                        help="do not checkpoint the Swin backbone's blocks (faster, more memory; upstream always "
+                             "checkpoints them); ignored with --use_checkpoint")
 
     # logging
     parser.add_argument("--use_wandb", action="store_true", default=False)
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+
+    ignored = parser.add_argument_group(
+        "accepted for compatibility with upstream's command lines and ignored",
+        "DETR segmentation and dataset leftovers that the deformable detector never used")
+    ignored.add_argument("--mask_loss_coef", default=1, type=float, help="ignored")
+    ignored.add_argument("--dice_loss_coef", default=1, type=float, help="ignored")
+    ignored.add_argument("--coco_panoptic_path", type=str, help="ignored")
+    ignored.add_argument("--remove_difficult", action="store_true", help="ignored")
     return parser
 
 
@@ -318,9 +330,8 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, k_one2many=args.k_one2many,
-                                      lambda_one2many=args.lambda_one2many, use_wandb=args.use_wandb,
-                                      use_fp16=args.use_fp16, scaler=scaler, print_freq=args.print_freq)
+                                      args.clip_max_norm, use_wandb=args.use_wandb, use_fp16=args.use_fp16,
+                                      scaler=scaler, print_freq=args.print_freq)
         scheduler.step()
         if output_dir is not None:
             save_epoch(args, output_dir, epoch, model_without_ddp, optimizer, scheduler, scaler)

@@ -4,13 +4,12 @@ from collections import OrderedDict
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from mmcv_custom import load_checkpoint as load_swin_checkpoint
-from util.misc import NestedTensor
+from util.misc import NestedTensor, downsample_mask
 
 from .position_encoding import build_position_encoding
 
@@ -19,11 +18,6 @@ SWINS = ("swin_tiny", "swin_small", "swin_large", "swin_large_window12")
 # upstream's default --pretrained_backbone_path (a Swin-T file); ResNets then use torchvision's ImageNet weights
 DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-
-
-def _mask_for(features, mask):
-    """Nearest-neighbour resize of the padding mask [B, H, W] to the feature map's size."""
-    return F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
 
 
 class ResNetBody(nn.ModuleDict):
@@ -53,7 +47,15 @@ def _stage_channels(stage: nn.Module) -> int:
     return [m.out_channels for m in stage[-1].modules() if isinstance(m, nn.Conv2d)][-1]
 
 
-class Backbone(nn.Module):
+class BackboneBase(nn.Module):
+    """A network `body` returning {name: feature map}; forward pairs each map with the downsampled padding mask."""
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        return {name: NestedTensor(x, downsample_mask(tensor_list.mask, x.shape[-2:])) for name, x in features.items()}
+
+
+class Backbone(BackboneBase):
     """torchvision ResNet-18/34/50/101 with frozen BatchNorm; stem and layer1 stay frozen.
 
     Returns the outputs of the last num_outputs of layer2-4 (strides 8/16/32); `--dilation` turns the stride of
@@ -82,21 +84,18 @@ class Backbone(nn.Module):
             self.strides[-1] //= 2
         self.name = name
 
-    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
-        features = self.body(tensor_list.tensors)
-        return {name: NestedTensor(x, _mask_for(x, tensor_list.mask)) for name, x in features.items()}
 
-
-class TransformerBackbone(nn.Module):
+class TransformerBackbone(BackboneBase):
     """Swin Transformer returning the last num_outputs of stages 1-3 (strides 8/16/32, 2C/4C/8C channels)."""
 
-    def __init__(self, name: str, train_backbone: bool, num_outputs: int, drop_path_rate: float):
+    def __init__(self, name: str, train_backbone: bool, num_outputs: int, drop_path_rate: float,
+                 use_checkpoint: bool = True):
         super().__init__()
         from .swin_transformer import build_swin_backbone
 
         out_indices = (1, 2, 3)[-num_outputs:]
-        # upstream always checkpoints the Swin blocks to save memory
-        self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=True,
+        # use_checkpoint: recompute the blocks in backward (upstream always does, to save memory)
+        self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
                                         out_indices=out_indices)
         # re-initialised at construction as upstream does (truncated-normal Linear weights), which also keeps
         # the random stream, hence drop-path masks, in step with upstream's; ImageNet weights come later
@@ -106,10 +105,6 @@ class TransformerBackbone(nn.Module):
         self.num_channels = list(self.body.num_channels)
         self.strides = list(self.body.strides)
         self.name = name
-
-    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
-        features = self.body(tensor_list.tensors)
-        return {name: NestedTensor(x, _mask_for(x, tensor_list.mask)) for name, x in features.items()}
 
 
 class Joiner(nn.Sequential):
@@ -138,7 +133,8 @@ def build_backbone(args):
     elif args.backbone in SWINS:
         if args.dilation:
             raise ValueError("--dilation applies to ResNet backbones only")
-        backbone = TransformerBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate)
+        use_checkpoint = args.use_checkpoint or getattr(args, "backbone_checkpoint", True)
+        backbone = TransformerBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate, use_checkpoint)
     else:
         raise ValueError(f"unknown --backbone {args.backbone!r}; choose one of {RESNETS + SWINS}")
     return Joiner(backbone, position_embedding)

@@ -1,4 +1,6 @@
-"""SetCriterion: Hungarian-matched sigmoid focal, L1 and GIoU losses on the final, auxiliary and encoder outputs."""
+"""The training loss: SetCriterion (Hungarian-matched sigmoid focal, L1 and GIoU losses on the final, auxiliary and
+encoder outputs), HybridCriterion (both query groups, the one-to-many one against repeated targets), the loss
+weights and their weighted sum."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,3 +115,79 @@ class SetCriterion(nn.Module):
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._losses_for(outputs["enc_outputs"], bin_targets, num_boxes, suffix="_enc"))
         return losses
+
+
+def loss_weights(args):
+    """Weights of every loss term: final layer, auxiliary layers _0.._{D-2}, encoder _enc, and their _one2many.
+
+    The _enc terms are weighted whenever there are encoder proposals (upstream dropped them with --no_aux_loss,
+    leaving the proposal heads untrained).
+    """
+    base = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    weight_dict = dict(base)
+    if args.aux_loss:
+        for i in range(args.dec_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+    if args.aux_loss or args.two_stage:
+        weight_dict.update({f"{k}_enc": v for k, v in base.items()})
+    hybrid = {}
+    for key, value in weight_dict.items():
+        hybrid[key] = value
+        hybrid[key + "_one2many"] = value
+    return hybrid
+
+
+def weighted_losses(loss_dict, weight_dict):
+    """({name: loss * weight} for the terms that have a weight, their sum): what training minimises and logs."""
+    scaled = {k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict}
+    return scaled, sum(scaled.values())
+
+
+ONE2MANY_OUTPUTS = {"pred_logits_one2many": "pred_logits", "pred_boxes_one2many": "pred_boxes",
+                    "aux_outputs_one2many": "aux_outputs"}
+
+
+class HybridCriterion(nn.Module):
+    """The loss of H-Deformable-DETR: the one-to-one group (and the encoder proposals) against the targets, and,
+    when the outputs hold one-to-many predictions and k_one2many > 0, the one-to-many group against the targets
+    repeated k_one2many times, its terms scaled by lambda_one2many and suffixed _one2many.
+
+    Returns one loss dict; `weighted(loss_dict)` gives the weighted terms and the total that training minimises.
+    """
+
+    def __init__(self, criterion: SetCriterion, k_one2many=0, lambda_one2many=1.0):
+        super().__init__()
+        if k_one2many < 0:
+            raise ValueError(f"k_one2many must be >= 0, got {k_one2many}")
+        self.criterion = criterion
+        self.k_one2many = k_one2many
+        self.lambda_one2many = lambda_one2many
+
+    @property
+    def weight_dict(self):
+        return self.criterion.weight_dict
+
+    @property
+    def matcher(self):
+        return self.criterion.matcher
+
+    def weighted(self, loss_dict):
+        return weighted_losses(loss_dict, self.weight_dict)
+
+    def forward(self, outputs, targets):
+        loss_dict = self.criterion(outputs, targets)
+        one2many = {ours: outputs[theirs] for theirs, ours in ONE2MANY_OUTPUTS.items() if theirs in outputs}
+        if self.k_one2many == 0 or "pred_logits" not in one2many or one2many["pred_logits"].shape[1] == 0:
+            return loss_dict
+        repeated = [{**t, "boxes": t["boxes"].repeat(self.k_one2many, 1),
+                     "labels": t["labels"].repeat(self.k_one2many)} for t in targets]
+        for key, value in self.criterion(one2many, repeated).items():
+            loss_dict[key + "_one2many"] = value * self.lambda_one2many
+        return loss_dict
+
+
+def build_criterion(args, num_classes, matcher):
+    """The training loss of the parsed arguments: a HybridCriterion around the SetCriterion."""
+    criterion = SetCriterion(num_classes, matcher, loss_weights(args), ["labels", "boxes", "cardinality"],
+                             focal_alpha=args.focal_alpha)
+    return HybridCriterion(criterion, args.k_one2many, args.lambda_one2many)

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from util import box_ops
-from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
+from util.box_ops import refine_boxes
+from util.misc import NestedTensor, downsample_mask, nested_tensor_from_tensor_list
 
 from .backbone import build_backbone
-from .criterion import SetCriterion
+from .criterion import build_criterion
 from .deformable_transformer import build_deformable_transformer
 from .matcher import build_matcher
 
@@ -42,9 +43,8 @@ class DeformableDETR(nn.Module):
     """Deformable DETR with the hybrid branch.
 
     The first num_queries_one2one queries are trained with one-to-one matching and used at evaluation; the
-    following num_queries_one2many are trained against repeated targets. Evaluation switches to the
-    one-to-one group by setting `num_queries` (and `transformer.two_stage_num_proposals`) to
-    `num_queries_one2one`.
+    following num_queries_one2many are trained against repeated targets (see criterion.HybridCriterion). In eval
+    mode (or with forward(..., one2one_only=True)) only the one-to-one queries run.
     """
 
     def __init__(self, backbone, transformer, num_classes, num_feature_levels, aux_loss=True, with_box_refine=False,
@@ -123,61 +123,65 @@ class DeformableDETR(nn.Module):
             masks.append(mask)
         for level in range(len(features), self.num_feature_levels):
             src = self.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
-            mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            mask = downsample_mask(samples.mask, src.shape[-2:])
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
             srcs.append(src)
             masks.append(mask)
         return srcs, masks, pos
 
-    def forward(self, samples):
-        """samples: a NestedTensor or a list of [3, H, W] images.
+    def forward(self, samples, one2one_only=None):
+        """samples: a NestedTensor or a list of [3, H, W] images; one2one_only: run the one-to-one queries alone
+        (default: in eval mode, as evaluation does; train mode runs both groups).
 
         Returns "pred_logits" [B, Q1, K] and "pred_boxes" [B, Q1, 4] (normalised cxcywh) of the one-to-one
-        queries, "pred_logits_one2many"/"pred_boxes_one2many" [B, Q2, ...], "aux_outputs" and
-        "aux_outputs_one2many" (earlier decoder layers) and, in two-stage, "enc_outputs" (encoder proposals).
+        queries, "aux_outputs" (earlier decoder layers) and, in two-stage, "enc_outputs" (encoder proposals); when
+        the one-to-many queries run, also "pred_logits_one2many"/"pred_boxes_one2many" [B, Q2, ...] and
+        "aux_outputs_one2many".
         """
+        if one2one_only is None:
+            one2one_only = not self.training
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
         srcs, masks, pos = self._multi_scale_inputs(samples)
 
+        # upstream's scripts lower `num_queries` to num_queries_one2one for evaluation; that keeps working
+        num_queries = min(self.num_queries, self.num_queries_one2one) if one2one_only else self.num_queries
+        split = min(self.num_queries_one2one, num_queries)
         query_embeds = None
         if not self.two_stage or self.mixed_selection:
-            query_embeds = self.query_embed.weight[: self.num_queries]
-        self_attn_mask = hybrid_attention_mask(self.num_queries, self.num_queries_one2one, srcs[0].device)
+            query_embeds = self.query_embed.weight[:num_queries]
+        self_attn_mask = None
+        if num_queries > split:
+            self_attn_mask = hybrid_attention_mask(num_queries, split, srcs[0].device)
 
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = self.transformer(
-            srcs, masks, pos, query_embeds, self_attn_mask)
+            srcs, masks, pos, query_embeds, self_attn_mask, num_queries)
 
         # per decoder layer, split into the one-to-one and one-to-many groups before stacking (upstream's order,
         # which keeps the gradients bit-identical to upstream's)
-        split = self.num_queries_one2one
         one2one_class, one2many_class, one2one_coord, one2many_coord = [], [], [], []
         for level in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if level == 0 else inter_references[level - 1])
+            reference = init_reference if level == 0 else inter_references[level - 1]
             outputs_class = self.class_embed[level](hs[level])  # [B, Q, K]
-            delta = self.bbox_embed[level](hs[level])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_coord = coord.sigmoid()  # [B, Q, 4]
+            outputs_coord = refine_boxes(self.bbox_embed[level](hs[level]), reference)  # [B, Q, 4]
             one2one_class.append(outputs_class[:, :split])
             one2many_class.append(outputs_class[:, split:])
             one2one_coord.append(outputs_coord[:, :split])
             one2many_coord.append(outputs_coord[:, split:])
-        one2one_class, one2many_class = torch.stack(one2one_class), torch.stack(one2many_class)  # [D, B, Q1|Q2, K]
-        one2one_coord, one2many_coord = torch.stack(one2one_coord), torch.stack(one2many_coord)  # [D, B, Q1|Q2, 4]
-        out = {
-            "pred_logits": one2one_class[-1],
-            "pred_boxes": one2one_coord[-1],
-            "pred_logits_one2many": one2many_class[-1],
-            "pred_boxes_one2many": one2many_coord[-1],
-        }
-        if self.aux_loss:
-            out["aux_outputs"] = self._set_aux_loss(one2one_class, one2one_coord)
-            out["aux_outputs_one2many"] = self._set_aux_loss(one2many_class, one2many_coord)
+        out = self._group_outputs(one2one_class, one2one_coord)
+        if num_queries > split:
+            one2many = self._group_outputs(one2many_class, one2many_coord)
+            out.update({f"{k}_one2many": v for k, v in one2many.items()})
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_outputs_class, "pred_boxes": enc_outputs_coord_unact.sigmoid()}
+        return out
+
+    def _group_outputs(self, per_layer_class, per_layer_coord):
+        """"pred_logits" and "pred_boxes" of the last layer and, with aux_loss, "aux_outputs" of the others."""
+        outputs_class, outputs_coord = torch.stack(per_layer_class), torch.stack(per_layer_coord)  # [D, B, Q, *]
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
 
     @staticmethod
@@ -215,26 +219,6 @@ class PostProcess(nn.Module):
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
 
 
-def loss_weights(args):
-    """Weights of every loss term: final layer, auxiliary layers _0.._{D-2}, encoder _enc, and their _one2many.
-
-    The _enc terms are weighted whenever there are encoder proposals (upstream dropped them with --no_aux_loss,
-    leaving the proposal heads untrained).
-    """
-    base = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    weight_dict = dict(base)
-    if args.aux_loss:
-        for i in range(args.dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-    if args.aux_loss or args.two_stage:
-        weight_dict.update({f"{k}_enc": v for k, v in base.items()})
-    hybrid = {}
-    for key, value in weight_dict.items():
-        hybrid[key] = value
-        hybrid[key + "_one2many"] = value
-    return hybrid
-
-
 def _reject_unsupported(args):
     """Upstream DETR leftovers that never worked with the deformable model stop here with a clear message."""
     if getattr(args, "masks", False):
@@ -246,8 +230,16 @@ def _reject_unsupported(args):
                                   "by H-Deformable-DETR")
 
 
+def _check_hybrid_flags(args):
+    if args.num_queries_one2many > 0 and args.k_one2many <= 0:
+        raise ValueError(f"--num_queries_one2many {args.num_queries_one2many} needs --k_one2many > 0 (how many "
+                         f"times the ground truth is repeated for the one-to-many queries), got {args.k_one2many}; "
+                         "pass --num_queries_one2many 0 to train without the hybrid branch")
+
+
 def build(args):
     _reject_unsupported(args)
+    _check_hybrid_flags(args)
     num_classes = getattr(args, "num_classes", None) or (91 if args.dataset_file == "coco" else 20)
     backbone = build_backbone(args)
     transformer = build_deformable_transformer(args)
@@ -263,8 +255,7 @@ def build(args):
         num_queries_one2many=args.num_queries_one2many,
         mixed_selection=args.mixed_selection,
     )
-    criterion = SetCriterion(num_classes, build_matcher(args), loss_weights(args),
-                             ["labels", "boxes", "cardinality"], focal_alpha=args.focal_alpha)
+    criterion = build_criterion(args, num_classes, build_matcher(args))
     criterion.to(torch.device(args.device))
     postprocessors = {"bbox": PostProcess(topk=args.topk)}
     return model, criterion, postprocessors

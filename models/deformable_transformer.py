@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from util.misc import inverse_sigmoid
+from util.box_ops import refine_boxes
 from models.ops.modules import MSDeformAttn
 
 
@@ -161,12 +161,7 @@ class DeformableTransformerDecoder(nn.Module):
 
             refined = reference_points
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[lid](output)
-                if reference_points.shape[-1] == 4:
-                    refined = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:  # points become boxes: the head's (w, h) are used as they are
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]],
-                                        -1).sigmoid()
+                refined = refine_boxes(self.bbox_embed[lid](output), reference_points)
                 reference_points = refined.detach()
 
             if self.return_intermediate:
@@ -292,15 +287,15 @@ class DeformableTransformer(nn.Module):
         """Indices [B, K] of the k best-scoring encoder proposals, scores [B, S], best first."""
         return torch.topk(scores, k, dim=1)[1]
 
-    def _two_stage_queries(self, memory, mask_flatten, spatial_shapes, query_embed):
-        """Pick the top-scoring encoder proposals as the decoder's reference boxes and query positions."""
+    def _two_stage_queries(self, memory, mask_flatten, spatial_shapes, query_embed, num_queries):
+        """Pick the num_queries top-scoring encoder proposals as the decoder's reference boxes and query positions."""
         batch, num_tokens, channels = memory.shape
         output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
         # the extra (last) class and box heads score and regress the proposals
         enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
         enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
 
-        k = self.two_stage_num_proposals
+        k = num_queries
         if k > num_tokens:
             raise ValueError(f"two-stage selects {k} proposals but the encoder has only {num_tokens} tokens "
                              f"(maps {spatial_shapes.tolist()}): use larger images or fewer queries")
@@ -318,9 +313,10 @@ class DeformableTransformer(nn.Module):
         return tgt, query_pos, reference_points, enc_outputs_class, enc_outputs_coord_unact
 
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, self_attn_mask=None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, self_attn_mask=None, num_queries=None):
         """srcs/masks/pos_embeds: per level [B, C, H, W] / [B, H, W] / [B, C, H, W]; query_embed [Q, 2C] (one-stage)
-        or [Q, C] (mixed selection); self_attn_mask [Q, Q] bool, True where attention is forbidden.
+        or [Q, C] (mixed selection); self_attn_mask [Q, Q] bool, True where attention is forbidden; num_queries:
+        how many proposals two-stage selects (default: two_stage_num_proposals).
 
         Returns (decoder outputs [D, B, Q, C], initial references [B, Q, 2|4], per-layer references
         [D, B, Q, 2|4], encoder class logits [B, S, K] and unactivated boxes [B, S, 4] (two-stage, else None)).
@@ -335,7 +331,7 @@ class DeformableTransformer(nn.Module):
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
             tgt, query_pos, reference_points, enc_outputs_class, enc_outputs_coord_unact = self._two_stage_queries(
-                memory, mask_flatten, spatial_shapes, query_embed)
+                memory, mask_flatten, spatial_shapes, query_embed, num_queries or self.two_stage_num_proposals)
         else:
             batch, _, channels = memory.shape
             query_pos, tgt = torch.split(query_embed, channels, dim=1)

@@ -7,6 +7,7 @@ import torch
 import engine
 import main
 from models import build_model
+from models.criterion import weighted_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -50,10 +51,9 @@ def targets(num_boxes, num_classes=91, seed=0):
 
 
 def hybrid_total(outputs, tgts, criterion, args):
-    """(loss dict, weighted total) as training computes them: engine.train_hybrid, then the weight dict."""
+    """(loss dict, weighted total) through upstream's entry engine.train_hybrid, then the one weighted sum."""
     loss_dict = engine.train_hybrid(outputs, tgts, args.k_one2many, criterion, args.lambda_one2many)
-    total = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
-    return loss_dict, total
+    return loss_dict, weighted_losses(loss_dict, criterion.weight_dict)[1]
 
 
 def reference_configs():

@@ -169,3 +169,18 @@ def test_local_swin_file_is_loaded_without_reinitialising(tmp_path):
     loaded = body.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert all(torch.equal(loaded[k], v) for k, v in kept.items())
+
+
+@pytest.mark.parametrize("flags,checkpointed", [([], True), (["--no_backbone_checkpoint"], False),
+                                                 (["--no_backbone_checkpoint", "--use_checkpoint"], True)])
+def test_swin_checkpointing_flags(flags, checkpointed, monkeypatch):
+    """Swin blocks are checkpointed by default, as upstream; --no_backbone_checkpoint turns that off, and
+    --use_checkpoint (which checkpoints the transformer) keeps it on."""
+    model, _, _, _ = build(SWIN_T + flags)
+    assert {layer.use_checkpoint for layer in model.backbone[0].body.layers} == {checkpointed}
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.train()
+    model([torch.randn(3, 128, 96)])
+    assert bool(calls) == checkpointed

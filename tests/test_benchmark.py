@@ -22,14 +22,15 @@ def test_measure_times_the_one_to_one_queries_in_eval_mode():
     forward = model.forward
 
     def recording(samples):
-        seen.append((model.num_queries, model.transformer.two_stage_num_proposals, model.training,
+        out = forward(samples)
+        seen.append((out["pred_logits"].shape[1], "pred_logits_one2many" in out, model.training,
                      torch.is_grad_enabled()))
-        return forward(samples)
+        return out
 
     model.forward = recording
     times = TOOL["measure"](model, [torch.randn(3, 64, 80)], torch.device("cpu"), num_iters=3, warm_iters=1)
     assert len(times) == 2 and all(t > 0 for t in times)
-    assert seen == [(10, 10, False, False)] * 3  # 10 one-to-one of 30 queries, eval mode, no autograd
+    assert seen == [(10, False, False, False)] * 3  # 10 one-to-one of 30 queries alone, eval mode, no autograd
     assert model.training and model.num_queries == 30  # restored afterwards
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torchvision
 
 import main as project_main
 from datasets.synthetic import make_synthetic_coco
@@ -158,3 +159,21 @@ def test_wandb_logging_offline(tiny_coco, tmp_path, monkeypatch):
     train(tiny_coco, tmp_path, 1, "--use_wandb")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_main_with_its_default_flags_trains(tmp_path):
+    """`python main.py` with its defaults (--num_queries_one2many 0, --k_one2many 5: the hybrid branch off) trains;
+    only the data and output paths, the device, the image sizes and the model size are given."""
+    make_synthetic_coco(tmp_path / "coco", num_train=2, num_val=1, image_size=64, seed=5)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    args = project_main.get_args_parser().parse_args(list(map(str, [
+        "--coco_path", tmp_path / "coco", "--output_dir", tmp_path / "out", "--device", "cpu", "--epochs", 1,
+        "--train_scales", 64, "--val_scale", 64, "--max_size", 96,
+        "--backbone", "resnet18", "--pretrained_backbone_path", tmp_path / "resnet18.pth", "--enc_layers", 1,
+        "--dec_layers", 1, "--hidden_dim", 32, "--dim_feedforward", 64])))
+    assert (args.num_queries_one2many, args.k_one2many, args.num_queries_one2one) == (0, 5, 300)
+    stats = project_main.main(args)
+    assert len(stats["coco_eval_bbox"]) == 12
+    (log,) = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert torch.isfinite(torch.tensor(log["train_loss"]))
+    assert "train_loss_ce" in log and not any("one2many" in key for key in log)

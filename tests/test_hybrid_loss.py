@@ -1,11 +1,12 @@
-"""engine.train_hybrid: the one-to-many group trained against k-times repeated targets, scaled by lambda."""
+"""The hybrid loss (models.criterion.HybridCriterion, and upstream's entry engine.train_hybrid): the one-to-many
+group trained against k-times repeated targets, scaled by lambda; the weighted sum; the branch switched off."""
 import copy
 
 import pytest
 import torch
 
 import engine
-from models.criterion import SetCriterion
+from models.criterion import HybridCriterion, SetCriterion, weighted_losses
 from models.matcher import HungarianMatcher
 
 from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, targets
@@ -127,3 +128,52 @@ def test_number_of_matched_one2many_queries(k):
     engine.train_hybrid(outputs, tgts, k, criterion, 1.0)
     assert sizes[0] == [3, 2]
     assert sizes[-1] == [3 * k, 2 * k]
+
+
+def test_build_model_returns_the_hybrid_criterion():
+    """build_model's criterion knows k_one2many and lambda_one2many: called once, it gives exactly what upstream's
+    entry engine.train_hybrid gives (also when handed that same criterion)."""
+    model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--k_one2many", "3", "--lambda_one2many", "0.5"])
+    assert isinstance(criterion, HybridCriterion)
+    assert (criterion.k_one2many, criterion.lambda_one2many) == (3, 0.5)
+    model.train()
+    out = model(images([(64, 96), (64, 64)]))
+    tgts = targets([2, 1])
+    ours = criterion(out, copy.deepcopy(tgts))
+    upstream = engine.train_hybrid(out, copy.deepcopy(tgts), 3, criterion.criterion, 0.5)
+    again = engine.train_hybrid(out, copy.deepcopy(tgts), 3, criterion, 0.5)
+    assert ours.keys() == upstream.keys() == again.keys()
+    assert any(k.endswith("_one2many") for k in ours)
+    for key in ours:
+        torch.testing.assert_close(ours[key], upstream[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(ours[key], again[key], rtol=0, atol=0, msg=key)
+
+
+def test_weighted_losses_is_the_weighted_sum():
+    losses = {"loss_ce": torch.tensor(2.0), "loss_bbox": torch.tensor(3.0), "class_error": torch.tensor(50.0)}
+    scaled, total = weighted_losses(losses, {"loss_ce": 0.5, "loss_bbox": 2.0, "loss_giou": 9.0})
+    assert scaled.keys() == {"loss_ce", "loss_bbox"}  # unweighted terms (class_error) are logged only
+    torch.testing.assert_close(scaled["loss_bbox"], torch.tensor(6.0))
+    torch.testing.assert_close(total, torch.tensor(7.0))
+
+
+def test_branch_is_off_without_one2many_queries():
+    """--num_queries_one2many 0 with the default --k_one2many 5: no one-to-many outputs, no _one2many terms."""
+    model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--num_queries_one2many", "0", "--k_one2many", "5"])
+    assert args.k_one2many == 5
+    model.train()
+    out = model(images([(64, 96), (64, 64)]))
+    assert not any("one2many" in key for key in out)
+    losses = criterion(out, targets([2, 1]))
+    assert losses and not any(key.endswith("_one2many") for key in losses)
+    assert losses.keys() == engine.train_hybrid(out, targets([2, 1]), 5, criterion, 1.0).keys()
+
+
+def test_one2many_queries_need_k_one2many():
+    with pytest.raises(ValueError, match=r"--num_queries_one2many 20 needs --k_one2many > 0.*got 0"):
+        build(SMALL + ["--k_one2many", "0"])
+
+
+def test_negative_k_one2many_is_rejected():
+    with pytest.raises(ValueError, match="k_one2many"):
+        HybridCriterion(_criterion(), k_one2many=-1)

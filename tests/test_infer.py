@@ -10,7 +10,6 @@ import torch
 
 from datasets import build_dataset
 from datasets.synthetic import make_synthetic_coco
-from engine import one2one_queries
 from util.checkpoint import save_checkpoint
 
 from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
@@ -50,7 +49,8 @@ def test_detections_equal_evaluation_on_the_same_image(data, tmp_path, capsys):
     # what evaluation computes for the first validation image, in its original pixels
     dataset = build_dataset("val", args)
     image, target = dataset[0]
-    with torch.no_grad(), one2one_queries(model):
+    model.eval()  # the one-to-one queries, as evaluation runs them
+    with torch.no_grad():
         expected = TOOL["build_model"](args)[2]["bbox"](model([image]), target["orig_size"][None])[0]
     first = next(r for r in results if r["file"].endswith(dataset.coco.imgs[dataset.ids[0]]["file_name"]))
     assert (first["height"], first["width"]) == tuple(target["orig_size"].tolist())

@@ -162,11 +162,11 @@ def test_padding_does_not_change_transformer_outputs(flags):
     model.eval()
     image, other = images([(64, 128), (128, 192)])
     with torch.no_grad():
-        alone = model([image])
+        alone = model([image], one2one_only=False)
     srcs, masks, pos = _padded_inputs(model, image, other)
     model._multi_scale_inputs = lambda samples: (srcs, masks, pos)
     with torch.no_grad():
-        batched = model([image, other])
+        batched = model([image, other], one2one_only=False)
     for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
         torch.testing.assert_close(batched[key][0], alone[key][0], rtol=0, atol=1e-4, msg=key)
 
@@ -175,7 +175,7 @@ def test_padding_does_not_change_transformer_outputs(flags):
     unmasked_pos = [model.backbone[1](NestedTensor(s, m)) for s, m in zip(srcs, unmasked)]
     model._multi_scale_inputs = lambda samples: (srcs, unmasked, unmasked_pos)
     with torch.no_grad():
-        ignored = model([image, other])
+        ignored = model([image, other], one2one_only=False)
     assert (ignored["pred_logits"][0] - alone["pred_logits"][0]).abs().max() > 1e-2
 
 
@@ -216,6 +216,31 @@ def test_hybrid_mask_isolates_one2one_queries(monkeypatch):
     monkeypatch.setattr(models.deformable_detr, "hybrid_attention_mask", no_mask)
     train_out, eval_out = _one2one_train_and_eval(model, imgs)
     assert (train_out["pred_logits"] - eval_out["pred_logits"]).abs().max() > 1e-3
+
+
+def test_eval_mode_runs_the_one_to_one_queries_alone():
+    """Evaluation's switch lives in the model: eval mode (or one2one_only=True) gives exactly what upstream's way,
+    lowering num_queries and two_stage_num_proposals from outside, gives; the attributes are left alone."""
+    model, _, _, _ = build(SMALL + TWO_STAGE_HYBRID)
+    perturb(model)
+    imgs = images([(64, 96), (96, 64)])
+    _, upstream_way = _one2one_train_and_eval(model, imgs)
+    model.eval()
+    with torch.no_grad():
+        eval_mode = model(imgs)
+    model.train()
+    with torch.no_grad():
+        argument = model(imgs, one2one_only=True)
+    assert (model.num_queries, model.transformer.two_stage_num_proposals) == (30, 30)
+    for out in (eval_mode, argument):
+        assert set(out) == set(upstream_way) == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs"}
+        assert out["pred_logits"].shape == (2, 10, 91)
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(out[key], upstream_way[key], rtol=0, atol=0, msg=key)
+    model.eval()
+    with torch.no_grad():
+        both = model(imgs, one2one_only=False)
+    assert both["pred_logits_one2many"].shape == (2, 20, 91)
 
 
 def test_hybrid_attention_mask_layout():
@@ -259,6 +284,26 @@ def test_use_checkpoint_gives_same_outputs_and_gradients(monkeypatch):
 def test_unsupported_options_are_rejected(flags):
     with pytest.raises(NotImplementedError, match="not supported"):
         build(SMALL + flags)
+
+
+def test_compatibility_flags_are_accepted_and_ignored():
+    """Upstream's DETR leftovers parse, sit in one --help group that says they are ignored, and change nothing."""
+    import main
+
+    ignored = ["--mask_loss_coef", "3", "--dice_loss_coef", "4", "--coco_panoptic_path", "x", "--remove_difficult"]
+    help_text = main.get_args_parser().format_help()
+    group = help_text[help_text.index("accepted for compatibility"):]
+    assert all(flag in group for flag in ignored if flag.startswith("--"))
+    results = []
+    for flags in ([], ignored):
+        model, criterion, _, _ = build(SMALL + TWO_STAGE_HYBRID + flags)
+        model.eval()
+        with torch.no_grad():
+            results.append((model(images([(64, 96)])), criterion.weight_dict))
+    (plain, plain_weights), (with_flags, flag_weights) = results
+    assert plain_weights == flag_weights
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(plain[key], with_flags[key])
 
 
 def test_two_stage_needs_box_refine():

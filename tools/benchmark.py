@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from engine import one2one_queries  # noqa: E402
 from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
@@ -48,16 +47,22 @@ def _synchronize(device):
 
 @torch.no_grad()
 def measure(model, inputs, device, num_iters, warm_iters, use_fp16=False):
-    """Seconds per forward pass of each timed iteration (after warm_iters), with one2one queries in eval mode."""
+    """Seconds per forward pass of each timed iteration (after warm_iters), in eval mode (one-to-one queries);
+    the model's train/eval mode is restored afterwards."""
     times = []
-    with one2one_queries(model), torch.autocast(device.type, enabled=use_fp16):
-        for i in range(num_iters):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(inputs)
-            _synchronize(device)
-            if i >= warm_iters:
-                times.append(time.perf_counter() - start)
+    training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=use_fp16):
+            for i in range(num_iters):
+                _synchronize(device)
+                start = time.perf_counter()
+                model(inputs)
+                _synchronize(device)
+                if i >= warm_iters:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(training)
     return times
 
 

@@ -21,7 +21,6 @@ from PIL import ImageDraw  # noqa: E402
 
 from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_options  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
-from engine import one2one_queries  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
@@ -70,8 +69,7 @@ def detect(model, postprocess, transform, image, device, threshold):
     """Detections of one PIL image: a list of {"label", "score", "box"} (xyxy pixels), best first."""
     tensor, _ = transform(image, {})
     width, height = image.size
-    with one2one_queries(model):
-        outputs = model([tensor.to(device)])
+    outputs = model([tensor.to(device)])  # eval mode: the one-to-one queries
     result = postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
     keep = result["scores"] >= threshold
     return [{"label": int(label), "score": round(float(score), 4), "box": [round(float(v), 1) for v in box]}
@@ -103,7 +101,7 @@ def main(argv=None):
 
     model, _, postprocessors = build_model(model_args)
     load_model_state(model, checkpoint, resume, model_args)
-    model.to(device)
+    model.to(device).eval()
     transform = make_coco_transforms("val", **transform_options(model_args))
     names = category_names(model_args)
 

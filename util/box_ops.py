@@ -1,6 +1,8 @@
-"""Bounding-box conversions and (generalized) IoU, all on [N, 4] tensors."""
+"""Bounding-box conversions, (generalized) IoU on [N, 4] tensors, and the box-refinement step."""
 import torch
 from torchvision.ops.boxes import box_area
+
+from util.misc import inverse_sigmoid
 
 
 def box_cxcywh_to_xyxy(boxes):
@@ -44,3 +46,16 @@ def generalized_box_iou(boxes1, boxes2):
     enclose_area = wh[..., 0] * wh[..., 1]
     return iou - (enclose_area - union) / enclose_area
 
+
+
+def refine_boxes(delta, reference):
+    """One step of iterative box refinement: sigmoid(delta + logit(reference)), boxes [..., 4] in [0, 1].
+
+    delta [..., 4] is a box head's output; reference [..., 4] are boxes (cx, cy, w, h), or [..., 2] points, whose
+    refinement takes the head's (w, h) as they are.
+    """
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    if reference.shape[-1] != 2:
+        raise ValueError(f"reference must end in 2 or 4 coordinates, got {reference.shape[-1]}")
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()

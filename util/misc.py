@@ -60,6 +60,11 @@ def collate_fn(batch):
     return nested_tensor_from_tensor_list(list(images)), targets
 
 
+def downsample_mask(mask, size):
+    """Nearest-neighbour resize of a padding mask [B, H, W] to a feature map's (h, w): [B, h, w] bool."""
+    return torch.nn.functional.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
 def inverse_sigmoid(x, eps=1e-5):
     """logit(x), with x clamped to [0, 1] and both terms kept above eps."""
     x = x.clamp(min=0, max=1)

@@ -23,6 +23,7 @@ import main as project_main  # noqa: E402
 import util.misc as utils  # noqa: E402
 from engine import train_hybrid  # noqa: E402
 from models import build_model  # noqa: E402
+from models.criterion import weighted_losses  # noqa: E402
 
 GLOBAL_BATCH = 4
 BOXES_PER_IMAGE = (1, 2, 3, 3)  # unequal shares per rank: the loss normaliser must be averaged over processes
@@ -46,7 +47,7 @@ def sgd_step(model, criterion, optimizer, images, targets, args):
     """Forward, hybrid loss, backward and one optimizer step; returns the weighted loss."""
     outputs = model(utils.nested_tensor_from_tensor_list(images))
     loss_dict = train_hybrid(outputs, targets, args.k_one2many, criterion, args.lambda_one2many)
-    loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+    loss = weighted_losses(loss_dict, criterion.weight_dict)[1]
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
