@@ -10,6 +10,7 @@ from util import box_ops
 from util.box_ops import refine_boxes
 from util.misc import NestedTensor, downsample_mask, nested_tensor_from_tensor_list
 
+from . import fast_paths
 from .backbone import build_backbone
 from .criterion import build_criterion
 from .deformable_transformer import build_deformable_transformer
@@ -29,14 +30,6 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
         return x
-
-
-def hybrid_attention_mask(num_queries, num_queries_one2one, device):
-    """[Q, Q] self-attention mask, True where forbidden: the two query groups never see each other."""
-    mask = torch.zeros([num_queries, num_queries], dtype=torch.bool, device=device)
-    mask[num_queries_one2one:, :num_queries_one2one] = True
-    mask[:num_queries_one2one, num_queries_one2one:] = True
-    return mask
 
 
 class DeformableDETR(nn.Module):
@@ -150,24 +143,30 @@ class DeformableDETR(nn.Module):
         query_embeds = None
         if not self.two_stage or self.mixed_selection:
             query_embeds = self.query_embed.weight[:num_queries]
-        self_attn_mask = None
-        if num_queries > split:
-            self_attn_mask = hybrid_attention_mask(num_queries, split, srcs[0].device)
+        # the one-to-one and one-to-many queries never attend to each other
+        query_groups = (split, num_queries - split)
 
-        hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = self.transformer(
-            srcs, masks, pos, query_embeds, self_attn_mask, num_queries)
+        hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact, box_deltas = \
+            self.transformer(srcs, masks, pos, query_embeds, query_groups, num_queries)
+        if not fast_paths.enabled():
+            box_deltas = None  # upstream recomputes the box heads' outputs here
 
         # per decoder layer, split into the one-to-one and one-to-many groups before stacking (upstream's order,
         # which keeps the gradients bit-identical to upstream's)
         one2one_class, one2many_class, one2one_coord, one2many_coord = [], [], [], []
-        for level in range(hs.shape[0]):
+        group_sizes = [split, num_queries - split]
+        for level in range(len(hs)):
             reference = init_reference if level == 0 else inter_references[level - 1]
             outputs_class = self.class_embed[level](hs[level])  # [B, Q, K]
-            outputs_coord = refine_boxes(self.bbox_embed[level](hs[level]), reference)  # [B, Q, 4]
-            one2one_class.append(outputs_class[:, :split])
-            one2many_class.append(outputs_class[:, split:])
-            one2one_coord.append(outputs_coord[:, :split])
-            one2many_coord.append(outputs_coord[:, split:])
+            # with box refinement the decoder has applied this layer's box head already: the same deltas
+            delta = self.bbox_embed[level](hs[level]) if box_deltas is None else box_deltas[level]
+            outputs_coord = refine_boxes(delta, reference)  # [B, Q, 4]
+            class_one2one, class_one2many = outputs_class.split(group_sizes, 1)  # [B, Q1 | Q2, K]
+            coord_one2one, coord_one2many = outputs_coord.split(group_sizes, 1)  # [B, Q1 | Q2, 4]
+            one2one_class.append(class_one2one)
+            one2many_class.append(class_one2many)
+            one2one_coord.append(coord_one2one)
+            one2many_coord.append(coord_one2many)
         out = self._group_outputs(one2one_class, one2one_coord)
         if num_queries > split:
             one2many = self._group_outputs(one2many_class, one2many_coord)

@@ -10,12 +10,15 @@ from torch.utils.checkpoint import checkpoint
 from util.box_ops import refine_boxes
 from models.ops.modules import MSDeformAttn
 
+from .attention import query_self_attention
+
 
 def _clones(module, n):
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
 def _activation(name):
+    # relu in place on the first feed-forward layer's output, which nothing else keeps: one [tokens, d_ffn] less
     activations = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
     if name not in activations:
         raise ValueError(f"activation should be one of {sorted(activations)}, not {name!r}")
@@ -91,7 +94,7 @@ class DeformableTransformerEncoder(nn.Module):
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
-    """Query self-attention (with the hybrid mask), deformable cross-attention, feed-forward (post-norm)."""
+    """Query self-attention (within the query groups), deformable cross-attention, feed-forward (post-norm)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8, n_points=4):
         super().__init__()
@@ -113,11 +116,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(tgt2))
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-                src_padding_mask=None, self_attn_mask=None):
-        q = k = _with_pos(tgt, query_pos)
-        # nn.MultiheadAttention in its sequence-first layout: [B, Q, C] -> [Q, B, C] and back
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1),
-                              attn_mask=self_attn_mask)[0].transpose(0, 1)
+                src_padding_mask=None, query_groups=None):
+        tgt2 = query_self_attention(self.self_attn, _with_pos(tgt, query_pos), tgt, query_groups)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)
@@ -130,7 +130,8 @@ class DeformableTransformerDecoder(nn.Module):
 
     With `bbox_embed` set (iterative box refinement) each layer refines the reference boxes; the next layer
     sees them detached. With look_forward_twice the returned references keep their gradient, so a layer's
-    box head is also trained through the next layer's prediction.
+    box head is also trained through the next layer's prediction. The box heads' outputs (deltas) are returned
+    too, for the detection head to reuse.
     """
 
     def __init__(self, decoder_layer, num_layers, return_intermediate=False, look_forward_twice=False,
@@ -146,9 +147,9 @@ class DeformableTransformerDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index, src_valid_ratios,
-                query_pos=None, src_padding_mask=None, self_attn_mask=None):
+                query_pos=None, src_padding_mask=None, query_groups=None):
         output = tgt
-        outputs, references = [], []
+        outputs, references, box_deltas = [], [], []
         for lid, layer in enumerate(self.layers):
             # references as seen from each level's valid area: [B, Q, L, 2 or 4]
             if reference_points.shape[-1] == 4:
@@ -157,20 +158,22 @@ class DeformableTransformerDecoder(nn.Module):
                 ratios = src_valid_ratios
             reference_points_input = reference_points[:, :, None] * ratios[:, None]
             output = _run_layer(layer, self.use_checkpoint, output, query_pos, reference_points_input, src,
-                                src_spatial_shapes, src_level_start_index, src_padding_mask, self_attn_mask)
+                                src_spatial_shapes, src_level_start_index, src_padding_mask, query_groups)
 
             refined = reference_points
             if self.bbox_embed is not None:
-                refined = refine_boxes(self.bbox_embed[lid](output), reference_points)
+                box_deltas.append(self.bbox_embed[lid](output))
+                refined = refine_boxes(box_deltas[-1], reference_points)
                 reference_points = refined.detach()
 
             if self.return_intermediate:
                 outputs.append(output)
                 references.append(refined if self.look_forward_twice else reference_points)
 
-        if self.return_intermediate:
-            return torch.stack(outputs), torch.stack(references)
-        return output, reference_points
+        box_deltas = box_deltas if self.bbox_embed is not None else None
+        if self.return_intermediate:  # per layer, unstacked: the head takes each layer apart anyway
+            return outputs, references, box_deltas
+        return output, reference_points, box_deltas
 
 
 class DeformableTransformer(nn.Module):
@@ -313,13 +316,14 @@ class DeformableTransformer(nn.Module):
         return tgt, query_pos, reference_points, enc_outputs_class, enc_outputs_coord_unact
 
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, self_attn_mask=None, num_queries=None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, query_groups=None, num_queries=None):
         """srcs/masks/pos_embeds: per level [B, C, H, W] / [B, H, W] / [B, C, H, W]; query_embed [Q, 2C] (one-stage)
-        or [Q, C] (mixed selection); self_attn_mask [Q, Q] bool, True where attention is forbidden; num_queries:
-        how many proposals two-stage selects (default: two_stage_num_proposals).
+        or [Q, C] (mixed selection); query_groups: sizes of the query groups that attend only within themselves
+        (None: one group); num_queries: how many proposals two-stage selects (default: two_stage_num_proposals).
 
-        Returns (decoder outputs [D, B, Q, C], initial references [B, Q, 2|4], per-layer references
-        [D, B, Q, 2|4], encoder class logits [B, S, K] and unactivated boxes [B, S, 4] (two-stage, else None)).
+        Returns (decoder outputs D x [B, Q, C], initial references [B, Q, 2|4], per-layer references
+        D x [B, Q, 2|4], encoder class logits [B, S, K] and unactivated boxes [B, S, 4] (two-stage, else None),
+        the decoder's box-head outputs per layer (D x [B, Q, 4]; with box refinement, else None)).
         """
         src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index = self._flatten_levels(
             srcs, masks, pos_embeds)
@@ -340,9 +344,10 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
         init_reference = reference_points
 
-        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, mask_flatten, self_attn_mask)
-        return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
+        hs, inter_references, box_deltas = self.decoder(tgt, reference_points, memory, spatial_shapes,
+                                                        level_start_index, valid_ratios, query_pos, mask_flatten,
+                                                        query_groups)
+        return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact, box_deltas
 
 
 def build_deformable_transformer(args):

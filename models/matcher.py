@@ -22,29 +22,37 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    @torch.no_grad()
-    def forward(self, outputs, targets):
-        """outputs: "pred_logits" [B, Q, K], "pred_boxes" [B, Q, 4] (cxcywh); targets: per image "labels" [T_i]
-        and "boxes" [T_i, 4]. Returns per image (query indices, target indices), each of length min(Q, T_i).
-        """
-        batch, num_queries = outputs["pred_logits"].shape[:2]
-        prob = outputs["pred_logits"].flatten(0, 1).sigmoid()  # [B*Q, K]
-        pred_boxes = outputs["pred_boxes"].flatten(0, 1)  # [B*Q, 4]
-        tgt_ids = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets])
-
+    def cost_matrix(self, logits, boxes, tgt_ids, tgt_boxes):
+        """Matching costs [Q, T] of one image's queries (logits [Q, K], cxcywh boxes [Q, 4]) against its targets."""
+        prob = logits.sigmoid()[:, tgt_ids]  # [Q, T]
         # focal class cost: the focal loss of calling the query positive minus that of calling it negative
         alpha, gamma = self.focal_alpha, self.focal_gamma
         neg_cost = (1 - alpha) * (prob ** gamma) * (-(1 - prob + 1e-8).log())
         pos_cost = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
-        cost_class = pos_cost[:, tgt_ids] - neg_cost[:, tgt_ids]
-        cost_bbox = torch.cdist(pred_boxes, tgt_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        cost_class = pos_cost - neg_cost
+        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(batch, num_queries, -1).cpu()  # [B, Q, sum T_i]
+    @torch.no_grad()
+    def forward(self, outputs, targets, repeats=1):
+        """outputs: "pred_logits" [B, Q, K], "pred_boxes" [B, Q, 4] (cxcywh); targets: per image "labels" [T_i]
+        and "boxes" [T_i, 4]. Returns per image (query indices, target indices), each of length min(Q, T_i).
+
+        Each image's queries are costed against its own targets only; the costs reach the CPU in one transfer.
+        repeats: every image's targets are its first T_i / repeats targets repeated that many times (as the
+        one-to-many group's are), so their costs are computed once and tiled: the same matrix, the same matching.
+        """
+        num_queries = outputs["pred_logits"].shape[1]
         sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+        if any(size % repeats for size in sizes):
+            raise ValueError(f"HungarianMatcher: {sizes} targets per image are not {repeats} repeats of each image's")
+        unique = [size // repeats for size in sizes]
+        blocks = [self.cost_matrix(logits, boxes, t["labels"][:n], t["boxes"][:n]).flatten()
+                  for logits, boxes, t, n in zip(outputs["pred_logits"], outputs["pred_boxes"], targets, unique)]
+        costs = torch.cat(blocks).cpu().split([num_queries * n for n in unique])
+        # [Q, n] -> [Q, n * repeats]: the columns of boxes.repeat(repeats, 1)
+        indices = [linear_sum_assignment(c.view(num_queries, n).repeat(1, repeats)) for c, n in zip(costs, unique)]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 
 

@@ -1,4 +1,5 @@
 """tools/benchmark.py: timing as evaluation runs the model, inputs from the dataset or of a given size, errors."""
+import re
 import runpy
 import sys
 
@@ -107,3 +108,37 @@ def test_config_script_errors(tmp_path):
         read(tmp_path / "b.sh")
     (tmp_path / "c.sh").write_text("EXP_DIR=exps/c\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n  ${PY_ARGS}\n")
     assert read(tmp_path / "c.sh") == ("exps/c", ["--output_dir", "exps/c"])
+
+
+def test_training_mode_times_forward_loss_and_backward(capsys):
+    step = TOOL["main"](["--train", "--image_size", "64", "80", "--image_size", "72", "64", "--num_iters", "3",
+                         "--warm_iters", "1", "--threads", "1", *FLAGS])
+    out = capsys.readouterr().out
+    assert step > 0
+    assert "training step, batch 2 (64x80, 72x64) on cpu, 1 threads, median of 2 timed steps: forward" in out
+    for part in ("loss", "backward", "step", "peak memory"):
+        assert f" {part} " in out
+
+
+def test_measure_training_computes_gradients_and_leaves_the_weights():
+    model, criterion, _, _ = build(FLAGS)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    images, targets = TOOL["random_batch"]([(64, 80), (80, 64)], 2, 3, 91, torch.device("cpu"))
+    backward = []
+    model.class_embed[0].weight.register_hook(lambda grad: backward.append(grad.abs().sum().item()))
+    times, peak = TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 3, 1)
+    assert {k: len(v) for k, v in times.items()} == {"forward": 2, "loss": 2, "backward": 2}
+    assert all(t > 0 for v in times.values() for t in v) and peak > 2 ** 20
+    assert len(backward) == 3 and all(g > 0 for g in backward)  # one backward per step, reaching the heads
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_mode_on_the_first_training_images(tmp_path, capsys):
+    make_synthetic_coco(tmp_path / "data", 3, 1, image_size=96, seed=2)
+    flags = FLAGS + ["--coco_path", str(tmp_path / "data"), "--train_scales", "96", "--max_size", "128",
+                     "--no_crop_augment"]
+    TOOL["main"](["--train", "--batch_size", "2", "--num_iters", "2", "--warm_iters", "1", *flags])
+    assert re.search(r"training step, batch 2 \(\d+x\d+(, \d+x\d+)?\) on cpu", capsys.readouterr().out)
+    with pytest.raises(ValueError, match="--batch_size 4 needs at least that many train images"):
+        TOOL["main"](["--train", "--batch_size", "4", "--num_iters", "2", "--warm_iters", "1", *flags])

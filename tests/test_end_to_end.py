@@ -177,3 +177,27 @@ def test_main_with_its_default_flags_trains(tmp_path):
     (log,) = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert torch.isfinite(torch.tensor(log["train_loss"]))
     assert "train_loss_ce" in log and not any("one2many" in key for key in log)
+
+
+def test_adamw_is_fused_also_after_resuming_an_unfused_optimizer():
+    """The optimizer is upstream's AdamW in its fused kernel; an upstream checkpoint's optimizer state (not fused)
+    resumes with its moments and keeps the fused kernel of this run."""
+    from models import build_model
+
+    args = parse("--coco_path", "unused", "--num_classes", 7)
+    model, _, _ = build_model(args)
+    optimizer, scheduler = project_main.build_optimizer(args, model)
+    assert isinstance(optimizer, torch.optim.AdamW) and all(g["fused"] for g in optimizer.param_groups)
+    upstream = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "lr")}
+                                  for g in optimizer.param_groups], lr=args.lr, weight_decay=args.weight_decay)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    upstream.step()
+    upstream_scheduler = torch.optim.lr_scheduler.StepLR(upstream, args.lr_drop)
+    checkpoint = {"optimizer": upstream.state_dict(), "lr_scheduler": upstream_scheduler.state_dict(), "epoch": 3}
+    assert not any(g.get("fused") for g in checkpoint["optimizer"]["param_groups"])
+    project_main.resume_training_state(args, checkpoint, optimizer, scheduler, None)
+    assert all(g["fused"] for g in optimizer.param_groups) and args.start_epoch == 4
+    first = next(p for p in model.parameters() if p.requires_grad)
+    assert torch.equal(optimizer.state[first]["exp_avg"], upstream.state[first]["exp_avg"])
+    optimizer.step()  # runs with the loaded moments

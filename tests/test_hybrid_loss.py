@@ -44,9 +44,9 @@ class SpyCriterion:
         self.weight_dict = criterion.weight_dict
         self.calls = []
 
-    def __call__(self, outputs, tgts):
+    def __call__(self, outputs, tgts, **kwargs):
         self.calls.append((outputs, copy.deepcopy(tgts)))
-        return self.criterion(outputs, tgts)
+        return self.criterion(outputs, tgts, **kwargs)
 
 
 def test_one2many_group_gets_repeated_targets():

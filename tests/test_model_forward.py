@@ -6,6 +6,7 @@ import torch
 
 import models.deformable_detr
 import models.deformable_transformer
+from models.attention import group_attention_mask, query_self_attention
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from model_helpers import SMALL, TWO_STAGE_HYBRID, build, encoder_tokens, hybrid_total, images, perturb, targets
@@ -210,10 +211,10 @@ def test_hybrid_mask_isolates_one2one_queries(monkeypatch):
     for layer_train, layer_eval in zip(train_out["aux_outputs"], eval_out["aux_outputs"]):
         torch.testing.assert_close(layer_train["pred_logits"], layer_eval["pred_logits"], rtol=0, atol=1e-5)
 
-    def no_mask(num_queries, num_queries_one2one, device):
-        return torch.zeros([num_queries, num_queries], dtype=torch.bool, device=device)
+    def no_groups(attn, query_key, value, groups=None):  # every query attends to every other
+        return query_self_attention(attn, query_key, value, None)
 
-    monkeypatch.setattr(models.deformable_detr, "hybrid_attention_mask", no_mask)
+    monkeypatch.setattr(models.deformable_transformer, "query_self_attention", no_groups)
     train_out, eval_out = _one2one_train_and_eval(model, imgs)
     assert (train_out["pred_logits"] - eval_out["pred_logits"]).abs().max() > 1e-3
 
@@ -244,7 +245,7 @@ def test_eval_mode_runs_the_one_to_one_queries_alone():
 
 
 def test_hybrid_attention_mask_layout():
-    mask = models.deformable_detr.hybrid_attention_mask(5, 2, torch.device("cpu"))
+    mask = group_attention_mask([2, 3], torch.device("cpu"))
     expected = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)
     assert torch.equal(mask, expected)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models.ops.functions import ms_deform_attn, ms_deform_attn_core_pytorch
+from models.ops.functions.ms_deform_attn_func import force_pytorch_path
 from models.ops.modules import MSDeformAttn
 
 SHAPES = [(5, 7), (3, 4), (2, 3)]  # (H, W) of three levels
@@ -79,10 +80,11 @@ def test_core_matches_naive_loop_on_border_and_outside_points():
     torch.testing.assert_close(out.view(2, 3), value[0, 1 * w + 2])
 
 
-def test_dispatcher_on_cpu_is_the_pytorch_core():
+def test_forced_dispatcher_on_cpu_is_the_pytorch_core():
     value, shapes, locations, weights = random_inputs(dtype=torch.float32)
     expected = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
-    out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
+    with force_pytorch_path():
+        out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
     assert torch.equal(out, expected)
 
 

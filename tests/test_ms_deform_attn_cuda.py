@@ -95,14 +95,15 @@ def test_nvcc_build_and_import(built_module):
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def test_cpu_tensors_never_touch_the_extension(monkeypatch):
+def test_cpu_tensors_never_touch_the_cuda_extension(monkeypatch):
     def forbidden():
-        raise AssertionError("the extension was consulted for CPU tensors")
+        raise AssertionError("the CUDA extension was consulted for CPU tensors")
 
     monkeypatch.setattr(ms_deform_attn_func, "get_extension", forbidden)
     value, shapes, starts, locations, weights = random_inputs(2, 3, 2, 4, [(4, 5), (2, 3)], 2)
     out = ms_deform_attn(value, shapes, starts, locations, weights, 1)
-    assert torch.equal(out, ms_deform_attn_core_pytorch(value, shapes, locations, weights))
+    torch.testing.assert_close(out, ms_deform_attn_core_pytorch(value, shapes, locations, weights), rtol=0,
+                               atol=1e-12)
 
 
 def test_env_var_forces_the_pytorch_path(monkeypatch):
@@ -124,7 +125,7 @@ def test_compile_failure_warns_one_line_once_and_falls_back(monkeypatch, isolate
         attempts.append(kwargs)
         raise RuntimeError("Error building extension 'MultiScaleDeformableAttention'\n[1/3] nvcc ...\nerror: boom")
 
-    monkeypatch.setattr(extension, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(extension, "_import_prebuilt", lambda name: None)
     monkeypatch.setattr(extension, "load_extension", broken_build)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -140,7 +141,7 @@ def test_compile_failure_warns_one_line_once_and_falls_back(monkeypatch, isolate
 
 def test_prebuilt_module_is_preferred_to_a_build(monkeypatch, isolated_extension_state):
     prebuilt = object()
-    monkeypatch.setattr(extension, "_import_prebuilt", lambda: prebuilt)
+    monkeypatch.setattr(extension, "_import_prebuilt", lambda name: prebuilt)
     monkeypatch.setattr(extension, "load_extension", lambda **kwargs: pytest.fail("built despite a prebuilt op"))
     assert extension.get_extension() is prebuilt
 
@@ -257,7 +258,7 @@ class EmulatedExtension:
 
 def test_autograd_function_with_emulated_kernels(emulated_kernels, monkeypatch):
     backend = EmulatedExtension(emulated_kernels)
-    monkeypatch.setattr(ms_deform_attn_func, "get_extension", lambda: backend)
+    monkeypatch.setattr(ms_deform_attn_func, "compiled_extension", lambda value: backend)
     value, shapes, starts, locations, weights = random_inputs(3, 2, 2, 3, [(4, 3), (2, 2)], 2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
 
@@ -269,7 +270,8 @@ def test_autograd_function_with_emulated_kernels(emulated_kernels, monkeypatch):
 
 
 def test_autograd_function_mixed_dtypes_run_in_the_widest(emulated_kernels, monkeypatch):
-    monkeypatch.setattr(ms_deform_attn_func, "get_extension", lambda: EmulatedExtension(emulated_kernels))
+    monkeypatch.setattr(ms_deform_attn_func, "compiled_extension",
+                        lambda value: EmulatedExtension(emulated_kernels))
     value, shapes, starts, locations, weights = random_inputs(2, 3, 2, 4, [(4, 3)], 2)
     value = value.float().requires_grad_()
     locations.requires_grad_()

@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Inference speed (images per second) of a model, run as evaluation runs it: eval mode, one-to-one queries.
+"""Speed of a model: inference (images per second) as evaluation runs it, or with --train the training step.
 
     python tools/benchmark.py [--num_iters 300] [--warm_iters 5] [--batch_size 1] [--resume CKPT]
-                              [--image_size H W] [--config configs/...sh] [main.py flags]
+                              [--image_size H W [--image_size H W ...]] [--threads N] [--config configs/...sh]
+                              [--train [--boxes 10]] [main.py flags]
 
-The input is the first validation image of --coco_path (as upstream's benchmark.py), or with --image_size a
-random image of that size, which needs no dataset. Other arguments are main.py's (--device, --use_fp16, model
-flags). Upstream's script timed all queries, one-to-many included; evaluation uses only the one-to-one ones.
+Inference times the model in eval mode (one-to-one queries) on the first validation image of --coco_path (as
+upstream's benchmark.py), or with --image_size a random image of that size, which needs no dataset. Upstream's
+script timed all queries, one-to-many included; evaluation uses only the one-to-one ones.
+
+--train times training steps instead: forward, losses (matching included) and backward, each separately, and the
+peak memory (CUDA: allocated by torch; CPU: the process's resident set) during the timed steps. The batch is
+the first --batch_size training images with their boxes, or random images of the --image_size sizes (image i of
+the batch takes the i-th size, cycling) with --boxes random boxes each. Other arguments are main.py's (--device,
+--use_fp16, model flags); --threads sets torch's CPU threads.
 """
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -21,6 +29,7 @@ import torch  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
+from models.criterion import weighted_losses  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
@@ -28,15 +37,21 @@ from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 def benchmark_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    parser.add_argument("--num_iters", type=int, default=300, help="timed forward passes, warm-up included")
-    parser.add_argument("--warm_iters", type=int, default=5, help="first passes left out of the timing")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--num_iters", type=int, default=300, help="timed iterations, warm-up included")
+    parser.add_argument("--warm_iters", type=int, default=5, help="first iterations left out of the timing")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per iteration (default: 1, or the number of --image_size sizes)")
     parser.add_argument("--resume", default=None, help="checkpoint whose model is timed (default: random weights)")
-    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="time a random H x W image instead of the first validation image")
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), action="append", default=None,
+                        help="time random H x W images instead of dataset images; give it several times for a "
+                             "batch of several sizes")
     parser.add_argument("--config", default=None,
                         help="config script (configs/**/*.sh) whose main.py flags build the model; flags given "
                              "here as well override them")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (forward, losses, backward) and their peak memory")
+    parser.add_argument("--boxes", type=int, default=10, help="random boxes per random image with --train")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -66,33 +81,148 @@ def measure(model, inputs, device, num_iters, warm_iters, use_fp16=False):
     return times
 
 
+class PeakMemory:
+    """Peak memory in bytes between reset() and read(): allocated by torch on CUDA, resident set on the CPU
+    (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere the process's lifetime peak)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def read(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            return kib * 1024
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_training(model, criterion, images, targets, device, num_iters, warm_iters, use_fp16=False):
+    """Seconds of forward, losses and backward of each timed training step (after warm_iters), and the peak
+    memory in bytes of the timed steps. Gradients are computed (and dropped); the parameters never change (the
+    BatchNorm statistics of a backbone trained from scratch do, as in any training-mode forward)."""
+    model.train()
+    criterion.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    samples = nested_tensor_from_tensor_list(images)
+    times = {"forward": [], "loss": [], "backward": []}
+    peak = PeakMemory(device)
+    for i in range(num_iters):
+        if i == warm_iters:
+            peak.reset()
+        model.zero_grad(set_to_none=True)
+        _synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=use_fp16):
+            outputs = model(samples)
+            _synchronize(device)
+            forward_done = time.perf_counter()
+            total = weighted_losses(criterion(outputs, targets), criterion.weight_dict)[1]
+        _synchronize(device)
+        loss_done = time.perf_counter()
+        scaler.scale(total).backward()
+        _synchronize(device)
+        backward_done = time.perf_counter()
+        del outputs, total
+        if i >= warm_iters:
+            times["forward"].append(forward_done - start)
+            times["loss"].append(loss_done - forward_done)
+            times["backward"].append(backward_done - loss_done)
+    model.zero_grad(set_to_none=True)
+    return times, peak.read()
+
+
+def random_batch(sizes, batch_size, boxes, num_classes, device, seed=0):
+    """Random images (image i of size sizes[i % len(sizes)]) with `boxes` random boxes each (normalised cxcywh)."""
+    gen = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(batch_size):
+        images.append(torch.randn(3, *sizes[i % len(sizes)], generator=gen).to(device))
+        centres = 0.2 + 0.6 * torch.rand(boxes, 2, generator=gen)
+        extents = 0.05 + 0.3 * torch.rand(boxes, 2, generator=gen)
+        targets.append({"labels": torch.randint(0, num_classes, (boxes,), generator=gen).to(device),
+                        "boxes": torch.cat([centres, extents], 1).to(device)})
+    return images, targets
+
+
+def dataset_batch(split, batch_size, model_args, device):
+    """The first batch_size images of a split with their targets (the split's transforms applied once)."""
+    dataset = build_dataset(split, model_args)
+    if len(dataset) < batch_size:
+        raise ValueError(f"--batch_size {batch_size} needs at least that many {split} images; "
+                         f"{model_args.coco_path} has {len(dataset)}")
+    pairs = [dataset[i] for i in range(batch_size)]
+    return ([image.to(device) for image, _ in pairs],
+            [{k: v.to(device) for k, v in target.items()} for _, target in pairs])
+
+
+def _ms(seconds):
+    return f"{1000 * statistics.median(seconds):.1f}"
+
+
 def main(argv=None):
     args, rest = benchmark_args_parser().parse_known_args(argv)
     if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
         raise ValueError(f"need 0 <= --warm_iters ({args.warm_iters}) < --num_iters ({args.num_iters})")
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    batch_size = args.batch_size if args.batch_size is not None else len(args.image_size or [None])
+    if batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    if args.boxes < 0:
+        raise ValueError(f"--boxes must be >= 0, got {args.boxes}")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model_args = main_arguments(get_args_parser(), rest, args.config)
     check_device(model_args)
     device = torch.device(model_args.device)
 
-    model_args.eval = True  # the class count, like the input, comes from the validation split
+    split = "train" if args.train else "val"
+    model_args.eval = not args.train  # the class count comes from the annotation file of that split
+    model_args.eval_in_training_set = False
     if args.image_size is None:
         resolve_num_classes(model_args)
-        image = build_dataset("val", model_args)[0][0]
+        if args.train:
+            images, targets = dataset_batch("train", batch_size, model_args, device)
+        else:
+            images = [build_dataset("val", model_args)[0][0].to(device)] * batch_size
     else:
-        image = torch.randn(3, *args.image_size, generator=torch.Generator().manual_seed(0))
-    model, _, _ = build_model(model_args)
+        num_classes = model_args.num_classes or 91
+        images, targets = random_batch(args.image_size, batch_size, args.boxes, num_classes, device)
+    model, criterion, _ = build_model(model_args)
     if args.resume:
         load_model_state(model, load_checkpoint(args.resume), args.resume, model_args)
     model.to(device)
-    inputs = nested_tensor_from_tensor_list([image.to(device)] * args.batch_size)
+    shapes = ", ".join(sorted({"x".join(map(str, image.shape[1:])) for image in images}))
+    where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
 
+    if args.train:
+        times, peak = measure_training(model, criterion.to(device), images, targets, device, args.num_iters,
+                                       args.warm_iters, model_args.use_fp16)
+        steps = [f + lo + b for f, lo, b in zip(times["forward"], times["loss"], times["backward"])]
+        print(f"training step, batch {batch_size} ({shapes}) on {where}, median of {len(steps)} timed steps: "
+              f"forward {_ms(times['forward'])} ms, loss {_ms(times['loss'])} ms, backward "
+              f"{_ms(times['backward'])} ms, step {_ms(steps)} ms; peak memory {peak / 2 ** 20:.0f} MiB")
+        return statistics.median(steps)
+
+    inputs = nested_tensor_from_tensor_list(images)
     times = measure(model, inputs, device, args.num_iters, args.warm_iters, model_args.use_fp16)
     mean = statistics.fmean(times)
-    print(f"input {args.batch_size} x {tuple(image.shape)} on {device}, {len(times)} timed passes: "
+    print(f"input {batch_size} x {tuple(images[0].shape)} on {device}, {len(times)} timed passes: "
           f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms)")
-    fps = args.batch_size / mean
+    fps = batch_size / mean
     print(f"Inference Speed: {fps:.1f} FPS")
     return fps
 

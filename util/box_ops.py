@@ -1,6 +1,5 @@
 """Bounding-box conversions, (generalized) IoU on [N, 4] tensors, and the box-refinement step."""
 import torch
-from torchvision.ops.boxes import box_area
 
 from util.misc import inverse_sigmoid
 
@@ -15,37 +14,47 @@ def box_xyxy_to_cxcywh(boxes):
     return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
 
 
+def _overlaps(boxes1, boxes2):
+    """(intersection, union, enclosing-box area) of xyxy boxes [..., 4] that broadcast against each other."""
+    x0a, y0a, x1a, y1a = boxes1.unbind(-1)
+    x0b, y0b, x1b, y1b = boxes2.unbind(-1)
+    inter = (torch.min(x1a, x1b) - torch.max(x0a, x0b)).clamp(min=0) * \
+        (torch.min(y1a, y1b) - torch.max(y0a, y0b)).clamp(min=0)
+    union = (x1a - x0a) * (y1a - y0a) + (x1b - x0b) * (y1b - y0b) - inter
+    hull = (torch.max(x1a, x1b) - torch.min(x0a, x0b)).clamp(min=0) * \
+        (torch.max(y1a, y1b) - torch.min(y0a, y0b)).clamp(min=0)
+    return inter, union, hull
+
+
 def box_iou(boxes1, boxes2):
     """Pairwise IoU of xyxy boxes: returns (iou [N, M], union [N, M])."""
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
+    inter, union, _ = _overlaps(boxes1[:, None], boxes2[None, :])
     return inter / union, union
 
 
+def _check_boxes(boxes, name):
+    """Degenerate boxes (x1 < x0 or y1 < y0) give inf/nan in GIoU, so they are rejected early."""
+    bad = ~((boxes[:, 2:] >= boxes[:, :2]).all(-1) & torch.isfinite(boxes).all(-1))
+    if bad.any():
+        raise ValueError(f"generalized_box_iou: {int(bad.sum())} of {len(boxes)} boxes in the {name} set are "
+                         f"degenerate or not finite, e.g. {boxes[bad][0].tolist()}")
+
+
 def generalized_box_iou(boxes1, boxes2):
-    """Pairwise generalized IoU (https://giou.stanford.edu/) of xyxy boxes, [N, M].
+    """Pairwise generalized IoU (https://giou.stanford.edu/) of xyxy boxes [N, 4] and [M, 4]: [N, M]."""
+    _check_boxes(boxes1, "first")
+    _check_boxes(boxes2, "second")
+    inter, union, hull = _overlaps(boxes1[:, None], boxes2[None, :])
+    return inter / union - (hull - union) / hull
 
-    Degenerate boxes (x1 < x0 or y1 < y0) give inf/nan, so they are rejected early.
-    """
-    for name, boxes in (("first", boxes1), ("second", boxes2)):
-        bad = ~((boxes[:, 2:] >= boxes[:, :2]).all(-1) & torch.isfinite(boxes).all(-1))
-        if bad.any():
-            raise ValueError(
-                f"generalized_box_iou: {int(bad.sum())} of {len(boxes)} boxes in the {name} set are "
-                f"degenerate or not finite, e.g. {boxes[bad][0].tolist()}"
-            )
-    iou, union = box_iou(boxes1, boxes2)
-    enclose_tl = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    enclose_br = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (enclose_br - enclose_tl).clamp(min=0)
-    enclose_area = wh[..., 0] * wh[..., 1]
-    return iou - (enclose_area - union) / enclose_area
 
+def paired_generalized_box_iou(boxes1, boxes2):
+    """Generalized IoU of each box of boxes1 [N, 4] with the box of boxes2 [N, 4] in the same row: [N] (the
+    diagonal of generalized_box_iou, without the N x N others)."""
+    _check_boxes(boxes1, "first")
+    _check_boxes(boxes2, "second")
+    inter, union, hull = _overlaps(boxes1, boxes2)
+    return inter / union - (hull - union) / hull
 
 
 def refine_boxes(delta, reference):

@@ -1,7 +1,9 @@
-"""Build and install the MultiScaleDeformableAttention CUDA op: `python setup.py build install`.
+"""Build and install the compiled MultiScaleDeformableAttention ops: `python setup.py build install`.
 
-Needs nvcc (CUDA_HOME), not a GPU. Architectures come from TORCH_CUDA_ARCH_LIST, else the visible GPUs,
-else functions.extension.DEFAULT_ARCH_LIST.
+Always the CPU op (MultiScaleDeformableAttentionCPU, a C++ compiler with OpenMP); the CUDA op
+(MultiScaleDeformableAttention) too when nvcc is found (CUDA_HOME), no GPU needed. CUDA architectures come from
+TORCH_CUDA_ARCH_LIST, else the visible GPUs, else functions.extension.DEFAULT_ARCH_LIST. Without an installed op
+the first use builds it just in time (functions/extension.py).
 """
 import os
 import sys
@@ -9,27 +11,34 @@ from pathlib import Path
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from functions.extension import (  # noqa: E402
-    DEFAULT_ARCH_LIST, EXTENSION_NAME, NVCC_FLAGS, configure_cuda_home, extension_sources)
+    CPU_EXTENSION_NAME, CPU_FLAGS, DEFAULT_ARCH_LIST, EXTENSION_NAME, NVCC_FLAGS, _cpp_extension, configure_cuda_home,
+    cpu_extension_sources, extension_sources)
 
-if configure_cuda_home() is None:
-    raise RuntimeError("MultiScaleDeformableAttention needs the CUDA toolkit (nvcc): set CUDA_HOME")
-if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+cpp_extension = _cpp_extension()
+
+
+def relative(sources):
+    return [os.path.relpath(source, HERE) for source in sources]  # setuptools wants paths relative to this directory
+
+
+modules = [cpp_extension.CppExtension(name=CPU_EXTENSION_NAME, sources=relative(cpu_extension_sources()),
+                                      extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"])]
+if configure_cuda_home() is not None:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    modules.append(cpp_extension.CUDAExtension(name=EXTENSION_NAME, sources=relative(extension_sources()),
+                                               extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}))
+else:
+    print(f"no CUDA toolkit (nvcc) found: building {CPU_EXTENSION_NAME} only; set CUDA_HOME for {EXTENSION_NAME}")
 
 setup(
     name=EXTENSION_NAME,
-    version="1.0",
-    description="Multi-scale deformable attention CUDA op for H-Deformable-DETR",
-    ext_modules=[CUDAExtension(
-        name=EXTENSION_NAME,
-        # setuptools wants paths relative to this directory
-        sources=[os.path.relpath(source, HERE) for source in extension_sources()],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},
-    )],
-    cmdclass={"build_ext": BuildExtension},
+    version="1.1",
+    description="Multi-scale deformable attention ops (CUDA and CPU) for H-Deformable-DETR",
+    ext_modules=modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -1,13 +1,17 @@
-"""Multi-scale deformable attention core: the pure-PyTorch path, the compiled op's autograd Function, the dispatcher."""
+"""Multi-scale deformable attention core: the pure-PyTorch path, the compiled ops' autograd Function (CUDA and CPU),
+the dispatcher."""
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .extension import get_extension
+from .extension import get_cpu_extension, get_extension
 
 FORCE_PYTORCH_ENV = "MSDA_FORCE_PYTORCH"
+COMPILED_CPU_DTYPES = (torch.float32, torch.float64)
+_forced = {"pytorch_path": False}
 
 
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
@@ -41,20 +45,26 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
     return output.view(n, heads * channels, num_queries).transpose(1, 2).contiguous()
 
 
-class MSDeformAttnFunction(torch.autograd.Function):
-    """The compiled CUDA op with its backward; arguments as ms_deform_attn.
+def compiled_extension(value):
+    """The compiled op module for value's device (CUDA, or CPU for float32/float64), loaded lazily."""
+    return get_extension() if value.is_cuda else get_cpu_extension()
 
-    Under autocast the inputs are cast to float32; outside it float16/bfloat16 inputs run the half kernels
-    (float32 accumulation).
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    """The compiled op (CUDA or CPU, after the inputs' device) with its backward; arguments as ms_deform_attn.
+
+    On CUDA under autocast the inputs are cast to float32; outside it float16/bfloat16 inputs run the half
+    kernels (float32 accumulation). The CPU op runs float32 and float64.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
                 im2col_step):
-        ext = get_extension()
+        ext = compiled_extension(value)
         if ext is None:
             raise RuntimeError("MultiScaleDeformableAttention is not available; call ms_deform_attn instead")
+        ctx.extension = ext
         # the kernels take one dtype for all three; mixed inputs run in the widest (autograd casts the grads back)
         dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
         value, sampling_locations, attention_weights = (
@@ -70,22 +80,40 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         value, shapes, start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = get_extension().ms_deform_attn_backward(
+        grad_value, grad_locations, grad_weights = ctx.extension.ms_deform_attn_backward(
             value, shapes, start_index, sampling_locations, attention_weights, grad_output.contiguous(),
             ctx.im2col_step)
         return grad_value, None, None, grad_locations, grad_weights, None
 
 
+@contextmanager
+def force_pytorch_path():
+    """Within the block, ms_deform_attn takes the PyTorch path on every device (upstream's computation on the
+    CPU, the reference of the equivalence tests)."""
+    saved = _forced["pytorch_path"]
+    _forced["pytorch_path"] = True
+    try:
+        yield
+    finally:
+        _forced["pytorch_path"] = saved
+
+
 def use_compiled(value):
-    """True when `value` is a CUDA tensor, MSDA_FORCE_PYTORCH is not 1 and the compiled op loads (lazily)."""
-    if not value.is_cuda or os.environ.get(FORCE_PYTORCH_ENV, "0") == "1":
+    """True when a compiled op takes `value`: a CUDA tensor, or a float32/float64 CPU tensor, unless
+    MSDA_FORCE_PYTORCH=1, force_pytorch_path() or an ONNX export / TorchScript trace asks for the PyTorch path,
+    and provided the op loads (lazily, on first use)."""
+    if os.environ.get(FORCE_PYTORCH_ENV, "0") == "1" or _forced["pytorch_path"]:
         return False
-    return get_extension() is not None
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if not value.is_cuda and not (value.device.type == "cpu" and value.dtype in COMPILED_CPU_DTYPES):
+        return False
+    return compiled_extension(value) is not None
 
 
 def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
                    im2col_step=64):
-    """Multi-scale deformable attention [N, Lq, M*D]: the compiled op for CUDA tensors, else the PyTorch path.
+    """Multi-scale deformable attention [N, Lq, M*D]: a compiled op where use_compiled(value), else the PyTorch path.
 
     Shapes as ms_deform_attn_core_pytorch; value_level_start_index [L] is the first row of each level in value.
     """

@@ -69,7 +69,7 @@ class MSDeformAttn(nn.Module):
         _, num_values, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            value.masked_fill_(input_padding_mask[..., None], 0.0)  # in place: the projection's own output
         value = value.view(n, num_values, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
@@ -79,12 +79,14 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
             normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            locations = (reference_points[:, :, None, :, None, :]
-                         + offsets / normalizer[None, None, None, :, None, :])
+            # reference + offsets / normalizer, in one pass
+            locations = torch.addcdiv(reference_points[:, :, None, :, None, :], offsets,
+                                      normalizer[None, None, None, :, None, :].to(offsets.dtype))
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the reference box: half its size reached by the farthest point
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            # reference centre + offsets / n_points * size * 0.5, in one pass over the large tensor
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :2], offsets / self.n_points,
+                                      reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 
