@@ -16,8 +16,10 @@ import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS
 from engine import evaluate, train_one_epoch
+from datasets.tta import check_tta_flags, collate_views
 from models import build_model
 from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, load_pretrained_backbone
+from models.tta import TestTimeAugmentation
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 
 
@@ -131,6 +133,22 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--eval_in_training_set", default=False, action="store_true")
     parser.add_argument("--topk", default=100, type=int)
+    tta = parser.add_argument_group(
+        "test-time augmentation", "upstream's multi-scale (and flip) test, with --eval (and in tools/infer.py)")
+    tta.add_argument("--tta", action="store_true",
+                     help="evaluate every image at the evaluation size and at each --tta_scales, keep each scale's "
+                          "top --topk detections in its size range and merge them per class by soft box voting")
+    tta.add_argument("--tta_scales", default=None, type=int, nargs="+", metavar="S",
+                     help="shorter sides of the extra passes (default upstream's 400 500 600 640 700 900 1000 1100 "
+                          "1200 1300 1400 1800)")
+    tta.add_argument("--tta_ranges", default=None, nargs="+", metavar="LO,HI",
+                     help="per scale, the detection sizes sqrt(w*h) it keeps, in pixels of its resized image "
+                          "(e.g. 96,inf or 0,256; default upstream's, scaled to the evaluation size)")
+    tta.add_argument("--tta_max_size", default=3000, type=int,
+                     help="longest side of the scales from the evaluation size up (smaller ones: --max_size)")
+    tta.add_argument("--tta_flip", action="store_true", help="also run every pass on the mirrored image")
+    tta.add_argument("--tta_vote_iou", default=0.66, type=float, help="IoU that groups detections for voting")
+    tta.add_argument("--tta_max_dets", default=1000, type=int, help="detections kept per image after merging")
 
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
@@ -200,7 +218,8 @@ def make_loaders(args, dataset_train, dataset_val):
         loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
                                   num_workers=args.num_workers, pin_memory=pin)
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
+                            collate_fn=collate_views if args.tta else utils.collate_fn,
+                            num_workers=args.num_workers, pin_memory=pin)
     return sampler_train, loader_train, loader_val
 
 
@@ -275,6 +294,7 @@ def print_ap(stats):
 def main(args):
     utils.init_distributed_mode(args)
     check_device(args)
+    check_tta_flags(args)
     print(args)
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())
@@ -318,8 +338,12 @@ def main(args):
         model_without_ddp = model.module
 
     if args.eval:
+        tta = TestTimeAugmentation.from_args(args, postprocessors["bbox"]) if args.tta else None
+        if tta is not None:
+            print(tta)
         stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq)
+                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq,
+                                         tta=tta)
         print_ap(stats)
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
