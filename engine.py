@@ -7,7 +7,7 @@ from datasets.coco_eval import CocoEvaluator
 from datasets.data_prefetcher import data_prefetcher
 from models.criterion import HybridCriterion, weighted_losses
 from util.metric_logger import MetricLogger, SmoothedValue
-from util.misc import get_total_grad_norm, reduce_dict
+from util.misc import get_total_grad_norm, is_dist_avail_and_initialized, reduce_dict
 
 
 def train_hybrid(outputs, targets, k_one2many, criterion, lambda_one2many):
@@ -18,6 +18,9 @@ def train_hybrid(outputs, targets, k_one2many, criterion, lambda_one2many):
     return HybridCriterion(criterion, k_one2many, lambda_one2many)(outputs, targets)
 
 
+STOPPED = "Training stopped; the last saved checkpoint is unchanged (try a lower --lr or --clip_max_norm)"
+
+
 def _check_finite(loss_value, loss_dict, epoch, iteration):
     """Stop on a non-finite loss, naming the terms that went bad (the last checkpoint stays as it was)."""
     if math.isfinite(loss_value):
@@ -26,7 +29,31 @@ def _check_finite(loss_value, loss_dict, epoch, iteration):
     raise FloatingPointError(
         f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; non-finite terms: "
         f"{', '.join(f'{k}={v}' for k, v in sorted(bad.items())) or 'none (the weighted sum overflowed)'}. "
-        "Training stopped; the last saved checkpoint is unchanged (try a lower --lr or --clip_max_norm)")
+        + STOPPED)
+
+
+def _output_tensors(outputs, prefix=""):
+    """(name, tensor) of every tensor in the model's nested output dict."""
+    if isinstance(outputs, dict):
+        return [item for key, value in outputs.items() for item in _output_tensors(value, f"{prefix}{key}.")]
+    if isinstance(outputs, (list, tuple)):
+        return [item for i, value in enumerate(outputs) for item in _output_tensors(value, f"{prefix}{i}.")]
+    return [(prefix[:-1], outputs)] if torch.is_tensor(outputs) else []
+
+
+def _check_outputs_finite(outputs, epoch, iteration):
+    """Stop when the model's outputs hold inf or nan (diverged weights), on every process at once, before the
+    matcher meets the broken boxes; the message names the outputs and the epoch and iteration."""
+    named = _output_tensors(outputs)
+    finite = torch.stack([tensor.detach().isfinite().all() for _, tensor in named])
+    everywhere = finite.all().float()
+    if is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+    if everywhere.item() < 1:
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"the model's outputs are not finite at epoch {epoch}, iteration {iteration} "
+            f"({', '.join(bad[:6]) or 'on another process'}): the weights diverged. " + STOPPED)
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0, use_wandb=False,
@@ -49,6 +76,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     for iteration in logger.log_every(range(len(data_loader)), print_freq, f"Epoch: [{epoch}]"):
         with torch.autocast(device.type, enabled=use_fp16):
             outputs = model(samples)
+            _check_outputs_finite(outputs, epoch, iteration)
             loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 

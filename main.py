@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 import datasets.samplers as samplers
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
-from datasets.coco import COCO_SPLITS
+from datasets.coco import COCO_SPLITS, dataset_root
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, load_pretrained_backbone
-from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.arguments import argument_problems, check_args
+from util.checkpoint import load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
 
 
 def get_args_parser():
@@ -122,6 +123,10 @@ def get_args_parser():
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint")
+    parser.add_argument("--finetune", default="",
+                        help="start a new training run from the weights of this checkpoint (file or URL): every "
+                             "tensor is loaded except classification heads of another number of classes, which "
+                             "start fresh; the optimizer, schedule and epochs start anew")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--cache_mode", default=False, action="store_true",
@@ -171,6 +176,9 @@ def check_device(args):
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device} was asked for but CUDA is not available here; "
                            "pass --device cpu to run on the CPU")
+    index = torch.device(args.device).index
+    if str(args.device).startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPUs")
     if args.use_fp16 and not str(args.device).startswith("cuda"):
         raise ValueError("--use_fp16 needs a CUDA device")
 
@@ -179,7 +187,7 @@ def resolve_num_classes(args):
     """--num_classes, else the largest category id of the annotation file in use + 1 (91 for COCO)."""
     if args.num_classes is None and args.dataset_file == "coco":
         split = "train" if not args.eval or args.eval_in_training_set else "val"
-        args.num_classes = num_classes_from_annotations(Path(args.coco_path) / COCO_SPLITS[split][1])
+        args.num_classes = num_classes_from_annotations(dataset_root(args) / COCO_SPLITS[split][1])
 
 
 def make_loaders(args, dataset_train, dataset_val):
@@ -273,12 +281,15 @@ def print_ap(stats):
 
 
 def main(args):
+    check_args(args)
     utils.init_distributed_mode(args)
     check_device(args)
     print(args)
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} exists and is not a directory")
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.use_wandb and utils.is_main_process():
@@ -298,6 +309,11 @@ def main(args):
     if checkpoint is not None:
         load_model_state(model, checkpoint, args.resume, args)
         print(f"loaded the model of {args.resume}")
+    elif args.finetune:
+        fresh = load_finetune_state(model, load_checkpoint(args.finetune), args.finetune)
+        print(f"fine-tuning from {args.finetune}" + (f"; new classification heads ({len(fresh)} tensors: "
+                                                     f"{', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})"
+                                                     if fresh else ""))
     elif not args.eval and args.pretrained_backbone:
         load_pretrained_backbone(model, args)
     model.to(device)
@@ -360,4 +376,8 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Deformable DETR training and evaluation script", parents=[get_args_parser()])
-    main(parser.parse_args())
+    parsed = parser.parse_args()
+    problems = argument_problems(parsed)
+    if problems:
+        parser.error("; ".join(problems))
+    main(parsed)

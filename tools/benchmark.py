@@ -36,7 +36,8 @@ from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 
 def benchmark_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are main.py's (python main.py --help lists them).")
     parser.add_argument("--num_iters", type=int, default=300, help="timed iterations, warm-up included")
     parser.add_argument("--warm_iters", type=int, default=5, help="first iterations left out of the timing")
     parser.add_argument("--batch_size", type=int, default=None,
@@ -181,6 +182,8 @@ def main(argv=None):
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     if args.boxes < 0:
         raise ValueError(f"--boxes must be >= 0, got {args.boxes}")
+    if args.image_size and min(min(size) for size in args.image_size) <= 0:
+        raise ValueError(f"--image_size must be positive, got {args.image_size}")
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
