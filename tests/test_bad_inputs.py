@@ -384,3 +384,14 @@ def test_output_dir_that_is_a_file_and_coco_path_that_is_a_file(coco, tmp_path):
 def test_tool_flag_values_are_checked(tool, argv, message):
     with pytest.raises(ValueError, match=message):
         runpy.run_path(str(ROOT / "tools" / f"{tool}.py"))["main"](argv)
+
+
+def test_synthetic_data_tool_refuses_negative_counts_and_bad_knobs(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "tools/make_synthetic_coco.py", "--out", str(tmp_path / "s"), *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    result = run("--num_train", "-1")
+    assert result.returncode == 2 and "--num_train must be >= 0, got -1" in result.stderr
+    result = run("--image_size", "8", "--num_train", "1", "--num_val", "1")
+    assert result.returncode == 1 and result.stderr.strip() == "make_synthetic_coco: image_size must be at least 16, got 8"
