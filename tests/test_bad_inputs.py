@@ -148,6 +148,8 @@ def test_a_sixteen_bit_training_image_is_read_correctly(coco_copy):
     (["--dropout", "1.0"], "--dropout"), (["--lr", "-1"], "--lr"), (["--num_classes", "0"], "--num_classes"),
     (["--train_scales", "0", "64"], "--train_scales"), (["--max_size", "-3"], "--max_size"),
     (["--dec_layers", "0"], "--dec_layers"), (["--num_workers", "-1"], "--num_workers"),
+    (["--save_every_iters", "0"], "--save_every_iters"), (["--keep_checkpoints", "-2"], "--keep_checkpoints"),
+    (["--model_ema_decay", "1.5"], "--model_ema_decay"), (["--auto_resume"], "--auto_resume needs --output_dir"),
     (["--finetune", "a.pth", "--resume", "b.pth"], "--finetune and --resume"),
     (["--finetune", "a.pth", "--eval"], "--finetune starts a training run"),
 ])

@@ -30,7 +30,7 @@ from datasets import build_dataset  # noqa: E402
 from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
 from models.criterion import weighted_losses  # noqa: E402
-from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
@@ -206,7 +206,7 @@ def main(argv=None):
         images, targets = random_batch(args.image_size, batch_size, args.boxes, num_classes, device)
     model, criterion, _ = build_model(model_args)
     if args.resume:
-        load_model_state(model, load_checkpoint(args.resume), args.resume, model_args)
+        load_model_state(model, evaluation_weights(load_checkpoint(args.resume))[0], args.resume, model_args)
     model.to(device)
     shapes = ", ".join(sorted({"x".join(map(str, image.shape[1:])) for image in images}))
     where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")

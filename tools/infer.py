@@ -25,7 +25,7 @@ from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_optio
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
-from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -120,7 +120,10 @@ def main(argv=None):
     paths = image_paths(args.images)
 
     model, _, postprocessors = build_model(model_args)
-    load_model_state(model, checkpoint, resume, model_args)
+    weights, averaged = evaluation_weights(checkpoint)
+    load_model_state(model, weights, resume, model_args)
+    if averaged:
+        print(f"using the weight average (model_ema) of {resume}")
     model.to(device).eval()
     transform = make_coco_transforms("val", **transform_options(model_args))
     names = category_names(model_args)

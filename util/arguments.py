@@ -42,6 +42,12 @@ def argument_problems(args):
     for name in ("train_scales", "lr_drop_epochs"):
         values = getattr(args, name)
         check(not values or min(values) > 0, f"--{name} must all be > 0, got {values}")
+    check(args.save_every_iters is None or args.save_every_iters > 0,
+          f"--save_every_iters must be > 0, got {args.save_every_iters}")
+    check(args.keep_checkpoints is None or args.keep_checkpoints > 0,
+          f"--keep_checkpoints must be > 0, got {args.keep_checkpoints}")
+    check(0 <= args.model_ema_decay < 1, f"--model_ema_decay must be in [0, 1), got {args.model_ema_decay}")
+    check(not args.auto_resume or args.output_dir, "--auto_resume needs --output_dir (where the checkpoints are)")
     check(not (args.finetune and args.resume),
           "--finetune and --resume: give one (--resume continues a run, --finetune starts a new one from a "
           "checkpoint's weights)")

@@ -179,6 +179,14 @@ def load_model_state(model, checkpoint, source, args=None):
     model.load_state_dict(state)
 
 
+def evaluation_weights(checkpoint):
+    """(checkpoint, averaged): a checkpoint with a weight average (--model_ema) is evaluated with it, as its run's
+    evaluations were; its "model" entry is then the average."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_ema"), dict):
+        return {**checkpoint, "model": checkpoint["model_ema"]}, True
+    return checkpoint, False
+
+
 def load_finetune_state(model, checkpoint, source):
     """Load every tensor of checkpoint["model"] into model except the classification heads of another number of
     classes, which keep their fresh initialisation; returns the names of those heads' tensors. Any other
