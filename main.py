@@ -1,6 +1,7 @@
 """Train and evaluate H-Deformable-DETR (command line as upstream main.py)."""
 import argparse
 import datetime
+import functools
 import json
 import math
 import random
@@ -74,6 +75,10 @@ def get_args_parser():
     parser.add_argument("--wd_backbone", default=None, type=float,
                         help="weight decay of the backbone parameters (default: --weight_decay); a ViT's position "
                              "embedding gets none")
+    parser.add_argument("--lsj", nargs="?", const=1024, default=None, type=int, metavar="SIZE",
+                        help="large-scale jitter at training instead of the multi-scale resize: resize to fit a "
+                             "random 0.1-2.0 of SIZE x SIZE (default 1024), random SIZE x SIZE crop, batches padded "
+                             "to SIZE x SIZE (the padding masked)")
 
     # transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="number of encoder layers")
@@ -209,7 +214,9 @@ def make_loaders(args, dataset_train, dataset_val):
             raise ValueError(f"the training set has {len(dataset_train)} images, fewer than one batch "
                              f"({args.batch_size} per process x {utils.get_world_size()} processes)")
         batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
-        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
+        # large-scale jitter: batches padded to a fixed --lsj x --lsj (masked), as ViTDet
+        collate = functools.partial(utils.collate_fn, pad_to=args.lsj) if args.lsj else utils.collate_fn
+        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate,
                                   num_workers=args.num_workers, pin_memory=pin)
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)

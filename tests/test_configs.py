@@ -156,7 +156,7 @@ def test_vit_name_matches_flags(path):
     assert (args.lambda_one2many, args.k_one2many, args.num_queries_one2many) == (1.0, 6, 1500)
     assert args.num_queries_one2one == 300 and args.dropout == 0.0 and args.dim_feedforward == 2048
     assert args.mixed_selection and args.look_forward_twice and args.two_stage and args.with_box_refine
-    assert args.num_feature_levels == 4 and args.use_checkpoint
+    assert args.num_feature_levels == 4 and args.use_checkpoint and args.lsj is None
     size = re.match(r"vit_(base|large)_", name).group(1)
     assert args.backbone == f"vit_{size}"
     assert Path(args.pretrained_backbone_path).name == f"mae_pretrain_vit_{size}.pth"

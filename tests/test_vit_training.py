@@ -1,5 +1,5 @@
 """A small ViT H-Deformable-DETR trains on the synthetic set: the loss goes down, and main.py runs end to end with
-an MAE file, layer-wise decay and checkpointing."""
+an MAE file, layer-wise decay, large-scale jitter and checkpointing."""
 import json
 import random
 
@@ -56,12 +56,12 @@ def test_training_decreases_the_loss(synthetic):
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
 
-def test_main_trains_from_an_mae_file_and_evaluates(synthetic, tmp_path, capsys):
+def test_main_trains_from_an_mae_file_with_lsj_and_evaluates(synthetic, tmp_path, capsys):
     weights = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": mae_encoder(grid=6)}, weights)
     out = tmp_path / "run"
     flags = TINY + ["--coco_path", str(synthetic), "--device", "cpu", "--batch_size", "2", "--val_scale", "96",
-                    "--max_size", "128", "--lr_layer_decay", "0.8", "--use_checkpoint",
+                    "--max_size", "128", "--lsj", "128", "--lr_layer_decay", "0.8", "--use_checkpoint",
                     "--pretrained_backbone_path", str(weights)]
     parser = project_main.get_args_parser()
     project_main.main(parser.parse_args(flags + ["--output_dir", str(out), "--epochs", "1"]))
