@@ -1,6 +1,7 @@
 """Train and evaluate H-Deformable-DETR (command line as upstream main.py)."""
 import argparse
 import datetime
+import functools
 import math
 import sys
 import time
@@ -16,7 +17,8 @@ from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_
 from datasets.coco import COCO_SPLITS, dataset_root
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
-from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, load_pretrained_backbone
+from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, ViTBackbone, load_pretrained_backbone
+from models.vit import layer_decay_param_groups
 from util.arguments import argument_problems, check_args
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.preemption import Preempted
@@ -50,7 +52,8 @@ def get_args_parser():
 
     # backbone
     parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="resnet18/34/50/101, swin_tiny, swin_small, swin_large or swin_large_window12")
+                        help="resnet18/34/50/101, swin_tiny, swin_small, swin_large, swin_large_window12, vit_base "
+                             "or vit_large")
     parser.add_argument("--dilation", action="store_true",
                         help="replace the stride of the last ResNet stage by a dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
@@ -60,11 +63,25 @@ def get_args_parser():
     parser.add_argument("--num_feature_levels", default=4, type=int, help="number of feature levels")
     parser.add_argument("--pretrained_backbone_path", default=DEFAULT_PRETRAINED_BACKBONE_PATH, type=str,
                         help="ImageNet weights of the backbone: the official Swin file for Swin backbones; for "
-                             "ResNet, a torchvision state dict (when not given, torchvision's weights are used)")
+                             "ResNet, a torchvision state dict (when not given, torchvision's weights are used); "
+                             "for ViT, an MAE pre-trained file (MAE's release or timm's)")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="train the backbone from random initialisation instead of ImageNet weights (a ResNet "
                              "then trains all its stages with ordinary BatchNorm; pass it at evaluation too)")
     parser.add_argument("--drop_path_rate", default=0.2, type=float)
+
+    # ViT backbones (vit_base, vit_large: MAE pre-training)
+    parser.add_argument("--lr_layer_decay", "--lr_backbone_decay_rate", dest="lr_layer_decay", default=1.0,
+                        type=float, help="layer-wise learning-rate decay of a ViT backbone: block i of N trains at "
+                        "--lr_backbone * decay ** (N - i), the embeddings at decay ** (N + 1), the feature pyramid "
+                        "at --lr_backbone (1.0: off; --lr_backbone_decay_rate is the ViT fork's name)")
+    parser.add_argument("--wd_backbone", default=None, type=float,
+                        help="weight decay of the backbone parameters (default: --weight_decay); a ViT's position "
+                             "embedding gets none")
+    parser.add_argument("--lsj", nargs="?", const=1024, default=None, type=int, metavar="SIZE",
+                        help="large-scale jitter at training instead of the multi-scale resize: resize to fit a "
+                             "random 0.1-2.0 of SIZE x SIZE (default 1024), random SIZE x SIZE crop, batches padded "
+                             "to SIZE x SIZE (the padding masked)")
 
     # transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="number of encoder layers")
@@ -142,9 +159,9 @@ def get_args_parser():
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
     parser.add_argument("--use_checkpoint", default=False, action="store_true",
-                        help="gradient checkpointing: recompute the transformer's encoder and decoder layers in "
-                             "backward to save memory (Swin backbones checkpoint their blocks by default, as "
-                             "upstream; see --no_backbone_checkpoint)")
+                        help="gradient checkpointing: recompute the transformer's encoder and decoder layers (and "
+                             "a ViT backbone's blocks) in backward to save memory (Swin backbones checkpoint their "
+                             "blocks by default, as upstream; see --no_backbone_checkpoint)")
     parser.add_argument("--no_backbone_checkpoint", dest="backbone_checkpoint", action="store_false",
                         help="do not checkpoint the Swin backbone's blocks (faster, more memory; upstream always "
                              "checkpoints them); ignored with --use_checkpoint")
@@ -214,9 +231,11 @@ def make_loaders(args, dataset_train, dataset_val):
                              f"({args.batch_size} per process x {utils.get_world_size()} processes)")
         shares = sampler_cls(dataset_train) if args.distributed else None
         batch_sampler = samplers.ResumableBatchSampler(len(dataset_train), args.batch_size, args.seed, shares)
+        # large-scale jitter: batches padded to a fixed --lsj x --lsj (masked), as ViTDet
+        collate = functools.partial(utils.collate_fn, pad_to=args.lsj) if args.lsj else utils.collate_fn
         # the loader's own generator: starting an epoch's iterator draws nothing from the global random state
         loader_train = DataLoader(samplers.SeededSamples(dataset_train), batch_sampler=batch_sampler,
-                                  collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin,
+                                  collate_fn=collate, num_workers=args.num_workers, pin_memory=pin,
                                   generator=torch.Generator().manual_seed(args.seed))
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
@@ -227,17 +246,35 @@ def match_name_keywords(name, keywords):
     return any(k in name for k in keywords)
 
 
+def backbone_param_groups(args, model, named):
+    """The backbone's group (--lr_backbone, --wd_backbone); for a ViT one group per layer, the learning rate
+    decayed layer-wise by --lr_layer_decay (models.vit.layer_decay_param_groups)."""
+    weight_decay = args.weight_decay if args.wd_backbone is None else args.wd_backbone
+    if not args.lr_layer_decay > 0:
+        raise ValueError(f"--lr_layer_decay must be positive, not {args.lr_layer_decay}")
+    if isinstance(model.backbone[0], ViTBackbone):
+        return layer_decay_param_groups(named, len(model.backbone[0].body.net.blocks), args.lr_backbone,
+                                        args.lr_layer_decay, weight_decay)
+    if args.lr_layer_decay != 1.0:
+        raise ValueError(f"--lr_layer_decay {args.lr_layer_decay} applies to ViT backbones only, not --backbone "
+                         f"{args.backbone}")
+    group = {"params": [p for _, p in named], "lr": args.lr_backbone}
+    if args.wd_backbone is not None:
+        group["weight_decay"] = args.wd_backbone
+    return [group]
+
+
 def build_optimizer(args, model):
-    """AdamW (or SGD) with three groups: backbone (--lr_backbone), linear projections
-    (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
+    """AdamW (or SGD) with three kinds of groups: backbone (--lr_backbone; one group per layer of a ViT), linear
+    projections (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
+    backbone = [(n, p) for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
     linear_proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]
     rest = [p for n, p in named if not match_name_keywords(n, args.lr_backbone_names)
             and not match_name_keywords(n, args.lr_linear_proj_names)]
     param_groups = [
         {"params": rest, "lr": args.lr},
-        {"params": backbone, "lr": args.lr_backbone},
+        *backbone_param_groups(args, model, backbone),
         {"params": linear_proj, "lr": args.lr * args.lr_linear_proj_mult},
     ]
     if args.sgd:

@@ -213,6 +213,7 @@ def transform_options(args):
         "max_size": getattr(args, "max_size", None),
         "val_size": getattr(args, "val_scale", None),
         "crop": not getattr(args, "no_crop_augment", False),
+        "lsj": getattr(args, "lsj", None),
     }
 
 
