@@ -2,8 +2,10 @@
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
@@ -14,6 +16,8 @@ from util.misc import get_local_rank, get_local_size
 from .transforms import make_coco_transforms
 from .tta import MultiScaleViews, tta_scales
 
+# the classifier size build_model uses without --num_classes (COCO's largest category id + 1)
+DEFAULT_NUM_CLASSES = 91
 # split name -> (image folder, annotation file), relative to the dataset root
 COCO_SPLITS = {
     "train": ("train2017", Path("annotations") / "instances_train2017.json"),
@@ -21,13 +25,20 @@ COCO_SPLITS = {
 }
 
 
+def _annotation_error(ann_file, error):
+    return ValueError(f"cannot read the COCO annotations {ann_file}: {type(error).__name__}: {error}")
+
+
 def load_coco_api(ann_file):
-    """pycocotools COCO object of ``ann_file``, without its progress prints."""
+    """pycocotools COCO object of ``ann_file``, without its progress prints; a malformed file names itself."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(ann_file))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as error:  # bad JSON, or not COCO
+        raise _annotation_error(ann_file, error) from error
 
 
 def num_classes_from_annotations(ann_file):
@@ -35,18 +46,57 @@ def num_classes_from_annotations(ann_file):
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    with open(ann_file) as f:
-        categories = json.load(f).get("categories", [])
-    if not categories:
+    try:
+        with open(ann_file) as f:
+            categories = json.load(f).get("categories", [])
+        ids = [int(c["id"]) for c in categories]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _annotation_error(ann_file, error) from error
+    if not ids:
         raise ValueError(f"{ann_file} lists no categories")
-    return max(int(c["id"]) for c in categories) + 1
+    return max(ids) + 1
+
+
+# modes of more than 8 bits per pixel, which PIL's convert("RGB") saturates (a 16-bit image turns white)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _wide_to_rgb(image, path):
+    """A 16/32-bit integer or float grey image as 8-bit RGB, scaled by the range its values are stored in:
+    [0, 1] (float), [0, 255] or [0, 65535] (16-bit data, / 257). Other ranges cannot be read without guessing."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not np.isfinite(values).all() or low < 0 or high > 65535:
+        raise RuntimeError(f"cannot convert image {path} (mode {image.mode}, values {low:g}..{high:g}) to 8-bit RGB: "
+                           "save it as 8- or 16-bit")
+    if image.mode == "F" and high <= 1:
+        scale = 255.0
+    elif high <= 255 and image.mode in ("I", "F"):
+        scale = 1.0
+    else:
+        scale = 1 / 257
+    grey = np.rint(values * scale).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def to_rgb(image, path):
+    """A PIL image of any mode as 8-bit RGB: palette, grey, CMYK and the other 8-bit modes through PIL (alpha
+    dropped), 16/32-bit grey images scaled to 8 bits (see _wide_to_rgb)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in WIDE_MODES:
+        return _wide_to_rgb(image, path)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL's advice for palette transparency; the alpha is dropped below
+    return image.convert("RGB")
 
 
 def decode_image(data, path):
-    """Encoded image bytes -> RGB PIL image; an undecodable file raises naming ``path``."""
+    """Encoded image bytes -> 8-bit RGB PIL image; an undecodable file raises naming ``path``."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image, path)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"cannot decode image {path}: {error}") from error
 
@@ -92,12 +142,17 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, img_folder, ann_file, transforms=None, cache_mode=False,
-                 local_rank=0, local_size=1):
+                 local_rank=0, local_size=1, num_classes=None):
         self.img_folder = Path(img_folder)
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.img_folder}")
         self.coco = load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs.keys())
+        if not self.ids:
+            raise ValueError(f"{ann_file} lists no images")
+        self._check_image_files(ann_file)
+        if num_classes is not None:
+            self._check_labels(ann_file, num_classes)
         self.transforms = transforms
         self.cache_mode = cache_mode
         self.local_rank = local_rank
@@ -108,6 +163,24 @@ class CocoDetection(Dataset):
 
     def _image_path(self, image_id):
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
+
+    def _check_image_files(self, ann_file):
+        """Every listed image exists (found now, not when the loader reaches it an epoch later)."""
+        present = {entry.name for entry in os.scandir(self.img_folder)}  # one listing, cheap even for 118k files
+        missing = [name for name in (self.coco.imgs[i]["file_name"] for i in self.ids)
+                   if name not in present and not (self.img_folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(self.ids)} images listed in {ann_file} are not in "
+                                    f"{self.img_folder}, e.g. {', '.join(missing[:5])}")
+
+    def _check_labels(self, ann_file, num_classes):
+        """Every annotation's category id is an output of the classifier (0 .. num_classes - 1)."""
+        bad = [a for a in self.coco.anns.values() if not 0 <= a["category_id"] < num_classes]
+        if bad:
+            ids = sorted({a["category_id"] for a in bad})
+            raise ValueError(f"{ann_file}: {len(bad)} annotations have category ids outside the classifier's "
+                             f"{num_classes} outputs (--num_classes {num_classes}): {ids[:10]} (e.g. annotation "
+                             f"{bad[0]['id']}); pass --num_classes {max(ids) + 1} or fix the file")
 
     def _fill_cache(self):
         for index, image_id in enumerate(self.ids):
@@ -141,14 +214,22 @@ def transform_options(args):
         "max_size": getattr(args, "max_size", None),
         "val_size": getattr(args, "val_scale", None),
         "crop": not getattr(args, "no_crop_augment", False),
+        "lsj": getattr(args, "lsj", None),
     }
+
+
+def dataset_root(args):
+    """--coco_path as a Path; not a directory is an error saying which way."""
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"COCO path {'is a file, not a directory' if root.exists() else 'does not exist'}: "
+                                f"{root}")
+    return root
 
 
 def build(image_set, args):
     """COCO split ``image_set`` under ``args.coco_path``; ``args.eval_in_training_set`` evaluates on train."""
-    root = Path(args.coco_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"COCO path does not exist: {root}")
+    root = dataset_root(args)
     if image_set not in COCO_SPLITS:
         raise ValueError(f"unknown image_set {image_set!r}: expected one of {sorted(COCO_SPLITS)}")
     split = image_set
@@ -160,4 +241,5 @@ def build(image_set, args):
         transforms = MultiScaleViews(transforms, tta_scales(args))  # every image also at the --tta_scales
     return CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
                          cache_mode=getattr(args, "cache_mode", False),
-                         local_rank=get_local_rank(), local_size=get_local_size())
+                         local_rank=get_local_rank(), local_size=get_local_size(),
+                         num_classes=getattr(args, "num_classes", None) or DEFAULT_NUM_CLASSES)
