@@ -15,13 +15,13 @@ import datasets.samplers as samplers
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS, dataset_root
-from datasets.tta import check_tta_flags, collate_views
+from datasets.tta import UPSTREAM_TTA_MAX_SIZE, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
 from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, ViTBackbone, load_pretrained_backbone
 from models.tta import TestTimeAugmentation
 from models.vit import layer_decay_param_groups
-from util.arguments import argument_problems, check_args
+from util.arguments import argument_problems, check_args, size_range
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
@@ -165,10 +165,10 @@ def get_args_parser():
     tta.add_argument("--tta_scales", default=None, type=int, nargs="+", metavar="S",
                      help="shorter sides of the extra passes (default upstream's 400 500 600 640 700 900 1000 1100 "
                           "1200 1300 1400 1800)")
-    tta.add_argument("--tta_ranges", default=None, nargs="+", metavar="LO,HI",
+    tta.add_argument("--tta_ranges", default=None, type=size_range, nargs="+", metavar="LO,HI",
                      help="per scale, the detection sizes sqrt(w*h) it keeps, in pixels of its resized image "
                           "(e.g. 96,inf or 0,256; default upstream's, scaled to the evaluation size)")
-    tta.add_argument("--tta_max_size", default=3000, type=int,
+    tta.add_argument("--tta_max_size", default=UPSTREAM_TTA_MAX_SIZE, type=int,
                      help="longest side of the scales from the evaluation size up (smaller ones: --max_size)")
     tta.add_argument("--tta_flip", action="store_true", help="also run every pass on the mirrored image")
     tta.add_argument("--tta_vote_iou", default=0.66, type=float, help="IoU that groups detections for voting")
@@ -346,7 +346,6 @@ def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
     check_device(args)
-    check_tta_flags(args)
     print(args)
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())

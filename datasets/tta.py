@@ -46,55 +46,17 @@ def default_object_range(scale, eval_size):
     return low * factor, high * factor
 
 
-def parse_object_range(text):
-    """'LO,HI' (HI may be 'inf') -> (lo, hi) with 0 <= lo < hi."""
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--tta_ranges: {text!r} is not LO,HI (two numbers, e.g. 96,inf or 0,256)") from None
-    if not 0 <= low < high:
-        raise ValueError(f"--tta_ranges: {text!r} needs 0 <= LO < HI")
-    return low, high
-
-
 def tta_scales(args):
     """The resized passes of --tta_scales (default upstream's), their ranges (--tta_ranges, default upstream's
     carried over by default_object_range) and longest sides (--max_size below the evaluation size, --tta_max_size
-    from it up). The identity pass at the evaluation size is not among them."""
+    from it up). The identity pass at the evaluation size is not among them. The flags are checked beforehand
+    (util/arguments.py)."""
     scales = UPSTREAM_TTA_SCALES if args.tta_scales is None else args.tta_scales
-    if len(scales) == 0 or any(s <= 0 for s in scales):
-        raise ValueError(f"--tta_scales needs one or more positive shorter sides, got {list(scales)}")
-    if args.tta_max_size <= 0:
-        raise ValueError(f"--tta_max_size must be positive, got {args.tta_max_size}")
     eval_size = T.evaluation_size(args.train_scales, args.val_scale)
     small_max = args.max_size or T.UPSTREAM_MAX_SIZE
-    if args.tta_ranges is None:
-        ranges = [default_object_range(s, eval_size) for s in scales]
-    elif len(args.tta_ranges) != len(scales):
-        raise ValueError(f"--tta_ranges gives {len(args.tta_ranges)} ranges for {len(scales)} scales "
-                         f"({' '.join(map(str, scales))}): one LO,HI per scale, in the same order")
-    else:
-        ranges = [parse_object_range(r) for r in args.tta_ranges]
+    ranges = args.tta_ranges or [default_object_range(s, eval_size) for s in scales]
     return [TTAScale(s, small_max if s < eval_size else args.tta_max_size, low, high)
-            for s, (low, high) in zip(scales, ranges)]
-
-
-def check_tta_flags(args, needs_eval=True):
-    """Errors naming the flag for bad --tta options, and for options given without --tta (rather than silently
-    ignoring them); with `needs_eval` (main.py), --tta without --eval is one too."""
-    if args.tta and needs_eval and not args.eval:
-        raise ValueError("--tta (test-time augmentation) works with --eval: training evaluates at one scale")
-    given = [flag for flag, value in (("--tta_scales", args.tta_scales), ("--tta_ranges", args.tta_ranges),
-                                      ("--tta_flip", args.tta_flip)) if value]
-    if given and not args.tta:
-        raise ValueError(f"{', '.join(given)} only act with --tta")
-    if not args.tta:
-        return
-    tta_scales(args)
-    if not 0 < args.tta_vote_iou <= 1:
-        raise ValueError(f"--tta_vote_iou must be in (0, 1], got {args.tta_vote_iou}")
-    if args.tta_max_dets <= 0:
-        raise ValueError(f"--tta_max_dets must be positive, got {args.tta_max_dets}")
+            for s, (low, high) in zip(scales, ranges, strict=True)]
 
 
 def describe_scales(scales, eval_size, eval_max_size):

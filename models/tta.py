@@ -3,13 +3,14 @@
 Upstream's multi-scale test (its pull request #15, after ATSS): every pass contributes its top-k detections
 (PostProcess, boxes in the original image's pixels); a flipped pass's boxes are mirrored back, a resized pass
 keeps the detections whose size fits its range (datasets/tta.py), and the detections of all passes are merged per
-class by soft box voting. The image side (scales, resizing) is datasets/tta.py.
+class by soft box voting. The image side (scales, resizing) is datasets/tta.py. Sizes and IoUs are those of the
+continuous boxes DETR predicts (no "+1 pixel" as in ATSS's code); flipped boxes are mirrored exactly (x -> w - x).
 """
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from datasets.tta import check_tta_flags, describe_scales, tta_scales, view_to_input
+from datasets.tta import describe_scales, tta_scales, view_to_input
 from datasets.transforms import UPSTREAM_MAX_SIZE, evaluation_size
 from util.misc import nested_tensor_from_tensor_list
 
@@ -100,8 +101,7 @@ class TestTimeAugmentation:
 
     @classmethod
     def from_args(cls, args, postprocess):
-        """From main.py's --tta flags (checked, errors naming the flag)."""
-        check_tta_flags(args, needs_eval=False)
+        """From main.py's --tta flags (checked beforehand by util.arguments.tta_problems)."""
         return cls(postprocess, args.tta_flip, args.tta_vote_iou, args.tta_max_dets, tta_scales(args),
                    evaluation_size(args.train_scales, args.val_scale), args.max_size or UPSTREAM_MAX_SIZE)
 

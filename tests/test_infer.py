@@ -147,6 +147,9 @@ def test_checkpoint_without_arguments_needs_a_config(data, tmp_path):
     (["--images", "x.jpg", "--out", "o"], ValueError, "--resume"),
     (["--images", "nowhere/", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image or directory"),
     (["--images", "EMPTY", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image files"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta", "--tta_scales", "0", "64"], ValueError,
+     r"--tta_scales needs one or more shorter sides > 0 \(pixels\), got \[0, 64\]"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta_flip"], ValueError, "--tta_flip only act"),
 ])
 def test_bad_inputs(data, tmp_path, argv, error, message):
     checkpoint, _, _ = trained(data, tmp_path)

@@ -1,6 +1,9 @@
 """Multi-scale and flip test-time augmentation (issue #13): flip-back, size ranges, soft voting, the scale plan,
 the flag errors, and evaluation through engine.evaluate / main.py (the identity pass alone is plain evaluation)."""
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,9 +20,10 @@ from datasets.tta import (UPSTREAM_TTA_RANGES, UPSTREAM_TTA_SCALES, MultiScaleVi
 from engine import evaluate
 from models.deformable_detr import PostProcess
 from models.tta import TestTimeAugmentation, hflip_boxes, in_size_range, merge_detections, soft_box_vote
+from util.arguments import argument_problems, tta_problems
 from util.misc import collate_fn, nested_tensor_from_tensor_list
 
-from model_helpers import build, parse, perturb
+from model_helpers import ROOT, build, parse, perturb
 
 INF = math.inf
 TINY = ["--device", "cpu", "--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2",
@@ -228,32 +232,67 @@ def test_a_view_at_the_evaluation_size_is_the_evaluation_input_exactly():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval", "--tta", "--tta_scales", "400", "0"], "--tta_scales"),
-    (["--eval", "--tta", "--tta_scales", "-600"], "--tta_scales"),
-    (["--eval", "--tta", "--tta_scales", "400", "800", "--tta_ranges", "0,inf"], "--tta_ranges"),
-    (["--eval", "--tta", "--tta_scales", "400", "--tta_ranges", "96"], "--tta_ranges"),
-    (["--eval", "--tta", "--tta_scales", "400", "--tta_ranges", "96,32"], "--tta_ranges"),
-    (["--eval", "--tta", "--tta_vote_iou", "0"], "--tta_vote_iou"),
-    (["--eval", "--tta", "--tta_vote_iou", "1.5"], "--tta_vote_iou"),
-    (["--eval", "--tta", "--tta_max_dets", "0"], "--tta_max_dets"),
-    (["--eval", "--tta", "--tta_max_size", "0"], "--tta_max_size"),
-    (["--tta"], "--eval"),
-    (["--eval", "--tta_flip"], "--tta_flip"),
-    (["--eval", "--tta_scales", "400"], "--tta_scales"),
+    (["--tta_scales", "400", "0"], r"--tta_scales needs one or more shorter sides > 0 \(pixels\), got \[400, 0\]"),
+    (["--tta_scales", "-600"], "--tta_scales needs one or more shorter sides > 0"),
+    (["--tta_scales", "400", "800", "--tta_ranges", "0,inf"], "--tta_ranges gives 1 ranges for 2 scales"),
+    (["--tta_ranges", "0,inf"], "--tta_ranges gives 1 ranges for 12 scales"),
+    (["--tta_scales", "400", "--tta_ranges", "96,32"], "--tta_ranges needs 0 <= LO < HI in every LO,HI, got 96,32"),
+    (["--tta_scales", "400", "--tta_ranges=-1,32"], "--tta_ranges needs 0 <= LO < HI"),
+    (["--tta_vote_iou", "0"], r"--tta_vote_iou must be in \(0, 1\], got 0.0"),
+    (["--tta_vote_iou", "1.5"], "--tta_vote_iou must be in"),
+    (["--tta_vote_iou", "nan"], "--tta_vote_iou must be in"),
+    (["--tta_max_dets", "0"], "--tta_max_dets must be > 0"),
+    (["--tta_max_size", "0"], "--tta_max_size must be > 0"),
 ])
-def test_bad_tta_flags_name_the_flag(flags, message):
+def test_bad_tta_flags_are_refused_naming_the_flag(flags, message):
+    args = tta_flags(*flags)
+    assert any(re.search(message, problem) for problem in argument_problems(args)), argument_problems(args)
+    assert tta_problems(args) == argument_problems(args), "main.py and tools/infer.py check the same"
+    with pytest.raises(ValueError, match="bad flag values: .*" + message):
+        project_main.main(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tta"], "--tta .* needs --eval"),
+    (["--eval", "--tta_flip"], "--tta_flip only act with --tta"),
+    (["--eval", "--tta_scales", "400", "--tta_ranges", "0,inf"], "--tta_scales, --tta_ranges only act with --tta"),
+])
+def test_tta_options_without_their_mode_are_refused(flags, message):
+    args = parse(["--coco_path", "/nonexistent", *flags])
+    assert any(re.search(message, problem) for problem in argument_problems(args))
     with pytest.raises(ValueError, match=message):
-        project_main.main(parse(["--device", "cpu", "--coco_path", "/nonexistent", *flags]))
+        project_main.main(args)
 
 
-def test_an_empty_scale_list_is_refused_by_the_parser(capsys):
+def test_good_tta_flags_pass_the_checks():
+    assert argument_problems(tta_flags()) == []
+    assert argument_problems(tta_flags("--tta_scales", 96, 192, "--tta_ranges", "10,inf", "0,40.5", "--tta_flip",
+                                       "--tta_vote_iou", 1, "--tta_max_dets", 1)) == []
+    assert argument_problems(parse(["--eval"])) == argument_problems(parse([])) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tta_scales"], "argument --tta_scales: expected at least one argument"),
+    (["--tta_scales", "400", "--tta_ranges", "96"], "argument --tta_ranges: '96' is not LO,HI"),
+    (["--tta_scales", "400", "--tta_ranges", "a,b"], "argument --tta_ranges: 'a,b' is not LO,HI"),
+])
+def test_malformed_tta_flags_are_parser_errors(flags, message, capsys):
     with pytest.raises(SystemExit):
-        parse(["--eval", "--tta", "--tta_scales"])
-    assert "--tta_scales" in capsys.readouterr().err
+        tta_flags(*flags)
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_scale_list_set_by_a_script_is_refused():
     args = tta_flags()
-    args.tta_scales = []  # as a script could set it
-    with pytest.raises(ValueError, match="--tta_scales"):
-        tta_scales(args)
+    args.tta_scales = []
+    assert argument_problems(args) == ["--tta_scales needs one or more shorter sides > 0 (pixels), got []"]
+
+
+def test_command_line_tta_errors_exit_2_with_the_message():
+    result = subprocess.run([sys.executable, "main.py", "--eval", "--tta", "--tta_scales", "0", "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--tta_scales needs one or more shorter sides > 0 (pixels), got [0]" in result.stderr
 
 
 def test_the_plan_is_printed(capsys):

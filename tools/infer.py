@@ -24,11 +24,12 @@ from PIL import ImageDraw  # noqa: E402
 
 from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_options  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
-from datasets.tta import MultiScaleViews, tta_scales  # noqa: E402
+from datasets.tta import MultiScaleViews  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.tta import TestTimeAugmentation  # noqa: E402
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
+from util.arguments import tta_problems  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
@@ -126,6 +127,9 @@ def main(argv=None):
         raise ValueError("pass the trained model with --resume <checkpoint>")
     checkpoint = load_checkpoint(resume)
     model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
+    problems = tta_problems(model_args)
+    if problems:
+        raise ValueError("bad flag values: " + "; ".join(problems))
     check_device(model_args)
     device = torch.device(model_args.device)
     paths = image_paths(args.images)
@@ -139,7 +143,7 @@ def main(argv=None):
     transform = make_coco_transforms("val", **transform_options(model_args))
     tta = TestTimeAugmentation.from_args(model_args, postprocessors["bbox"]) if model_args.tta else None
     if tta is not None:
-        transform = MultiScaleViews(transform, tta_scales(model_args))
+        transform = MultiScaleViews(transform, tta.scales)
         print(tta)
     names = category_names(model_args)
 
