@@ -169,10 +169,13 @@ def get_args_parser():
                      help="per scale, the detection sizes sqrt(w*h) it keeps, in pixels of its resized image "
                           "(e.g. 96,inf or 0,256; default upstream's, scaled to the evaluation size)")
     tta.add_argument("--tta_max_size", default=UPSTREAM_TTA_MAX_SIZE, type=int,
-                     help="longest side of the scales from the evaluation size up (smaller ones: --max_size)")
+                     help="longest side of the scales from the evaluation size up (default %(default)s; smaller "
+                          "scales: --max_size)")
     tta.add_argument("--tta_flip", action="store_true", help="also run every pass on the mirrored image")
-    tta.add_argument("--tta_vote_iou", default=0.66, type=float, help="IoU that groups detections for voting")
-    tta.add_argument("--tta_max_dets", default=1000, type=int, help="detections kept per image after merging")
+    tta.add_argument("--tta_vote_iou", default=0.66, type=float,
+                     help="IoU that groups detections for soft box voting (default %(default)s)")
+    tta.add_argument("--tta_max_dets", default=1000, type=int,
+                     help="detections kept per image after merging (default %(default)s)")
 
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")

@@ -28,8 +28,8 @@ from datasets.tta import MultiScaleViews  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.tta import TestTimeAugmentation  # noqa: E402
-from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.arguments import tta_problems  # noqa: E402
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
