@@ -169,10 +169,12 @@ def eval_summary(logger):
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir="", use_wandb=False,
-             print_freq=10, table=True):
+             print_freq=10, table=True, tta=None):
     """COCO bbox evaluation (the model in eval mode runs its one-to-one queries alone); returns (stats, the
     CocoEvaluator); table=False leaves out the printed COCO table. The model's and criterion's train/eval modes are
-    restored afterwards."""
+    restored afterwards. With `tta` (a models.tta.TestTimeAugmentation, data_loader's batches carrying datasets.tta
+    views) the detections of the batch's pass are merged with those of the other scales and flips; the losses stay
+    the batch's."""
     model_training, criterion_training = model.training, criterion.training
     model.eval()
     criterion.eval()
@@ -181,7 +183,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
     weight_dict = criterion.weight_dict
     try:
-        for samples, targets in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):
+        for samples, targets, *views in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):
             samples = samples.to(device)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             outputs = model(samples)
@@ -192,6 +194,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
 
             orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
             results = postprocessors["bbox"](outputs, orig_sizes)
+            if tta is not None:
+                results = tta(model, samples, targets, results, views[0])
             coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
     finally:
         model.train(model_training)

@@ -15,11 +15,13 @@ import datasets.samplers as samplers
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS, dataset_root
+from datasets.tta import UPSTREAM_TTA_MAX_SIZE, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
 from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, ViTBackbone, load_pretrained_backbone
+from models.tta import TestTimeAugmentation
 from models.vit import layer_decay_param_groups
-from util.arguments import argument_problems, check_args
+from util.arguments import argument_problems, check_args, size_range
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
@@ -155,6 +157,25 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--eval_in_training_set", default=False, action="store_true")
     parser.add_argument("--topk", default=100, type=int)
+    tta = parser.add_argument_group(
+        "test-time augmentation", "upstream's multi-scale (and flip) test, with --eval (and in tools/infer.py)")
+    tta.add_argument("--tta", action="store_true",
+                     help="evaluate every image at the evaluation size and at each --tta_scales, keep each scale's "
+                          "top --topk detections in its size range and merge them per class by soft box voting")
+    tta.add_argument("--tta_scales", default=None, type=int, nargs="+", metavar="S",
+                     help="shorter sides of the extra passes (default upstream's 400 500 600 640 700 900 1000 1100 "
+                          "1200 1300 1400 1800)")
+    tta.add_argument("--tta_ranges", default=None, type=size_range, nargs="+", metavar="LO,HI",
+                     help="per scale, the detection sizes sqrt(w*h) it keeps, in pixels of its resized image "
+                          "(e.g. 96,inf or 0,256; default upstream's, scaled to the evaluation size)")
+    tta.add_argument("--tta_max_size", default=UPSTREAM_TTA_MAX_SIZE, type=int,
+                     help="longest side of the scales from the evaluation size up (default %(default)s; smaller "
+                          "scales: --max_size)")
+    tta.add_argument("--tta_flip", action="store_true", help="also run every pass on the mirrored image")
+    tta.add_argument("--tta_vote_iou", default=0.66, type=float,
+                     help="IoU that groups detections for soft box voting (default %(default)s)")
+    tta.add_argument("--tta_max_dets", default=1000, type=int,
+                     help="detections kept per image after merging (default %(default)s)")
 
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
@@ -238,7 +259,8 @@ def make_loaders(args, dataset_train, dataset_val):
                                   collate_fn=collate, num_workers=args.num_workers, pin_memory=pin,
                                   generator=torch.Generator().manual_seed(args.seed))
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
+                            collate_fn=collate_views if args.tta else utils.collate_fn,
+                            num_workers=args.num_workers, pin_memory=pin)
     return batch_sampler, loader_train, loader_val
 
 
@@ -366,8 +388,12 @@ def main(args):
                                                           else None)
 
     if args.eval:
+        tta = TestTimeAugmentation.from_args(args, postprocessors["bbox"]) if args.tta else None
+        if tta is not None:
+            print(tta)
         stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq)
+                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq,
+                                         tta=tta)
         print_ap(stats)
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from util.misc import get_local_rank, get_local_size
 
 from .transforms import make_coco_transforms
+from .tta import MultiScaleViews, tta_scales
 
 # the classifier size build_model uses without --num_classes (COCO's largest category id + 1)
 DEFAULT_NUM_CLASSES = 91
@@ -236,6 +237,8 @@ def build(image_set, args):
         split = "train"
     img_folder, ann_file = COCO_SPLITS[split]
     transforms = make_coco_transforms(image_set, **transform_options(args))
+    if image_set == "val" and getattr(args, "tta", False):
+        transforms = MultiScaleViews(transforms, tta_scales(args))  # every image also at the --tta_scales
     return CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
                          cache_mode=getattr(args, "cache_mode", False),
                          local_rank=get_local_rank(), local_size=get_local_size(),

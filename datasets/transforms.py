@@ -214,6 +214,11 @@ class Compose:
         return f"{type(self).__name__}({lines}\n)"
 
 
+def evaluation_size(scales=None, val_size=None):
+    """Shorter side at evaluation: ``val_size``, else the largest training scale (800 upstream)."""
+    return val_size or max(scales or UPSTREAM_TRAIN_SCALES)
+
+
 def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, crop=True, lsj=None):
     """Upstream's augmentation recipe, with sizes that can be scaled down for small images.
 
@@ -231,7 +236,7 @@ def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, c
                          "--no_crop_augment (--val_scale and --max_size still set the evaluation size)")
     scales = list(scales) if scales else list(UPSTREAM_TRAIN_SCALES)
     max_size = max_size or UPSTREAM_MAX_SIZE
-    val_size = val_size or max(scales)
+    val_size = evaluation_size(scales, val_size)
     normalize = Compose([ToTensor(), Normalize()])
 
     if image_set == "train" and lsj is not None:

@@ -189,6 +189,21 @@ def test_single_process_eval_of_the_checkpoint_matches_the_distributed_eval(main
     assert stats["coco_eval_bbox"] == pytest.approx(logged, abs=1e-6)
 
 
+def test_distributed_tta_eval_matches_the_single_process_one(main_run, coco_set):
+    """--eval --tta on 2 processes (the odd set padded with a repeated image) scores each image once: the same AP
+    as one process."""
+    out, _, _ = main_run
+    flags = [*TINY_MAIN, "--coco_path", str(coco_set), "--eval", "--resume", str(out / "checkpoint.pth"), "--tta",
+             "--tta_scales", "64", "128", "--tta_flip"]
+    output = torchrun(ROOT / "main.py", *flags)
+    assert_both_ranks_ran(output)
+    assert "test-time augmentation: 6 passes per image" in output
+    printed = re.search(r"bbox AP (\S+)  AP50 (\S+)  AP75 (\S+)", output)
+    single = project_main.main(project_main.get_args_parser().parse_args(flags))["coco_eval_bbox"]
+    assert single[1] > 0, f"AP50 is 0: the comparison would not test anything: {single}"
+    assert [float(v) for v in printed.groups()] == pytest.approx(single[:3], abs=1e-4)
+
+
 # --------------------------------------------------------------------------- the launcher script
 
 

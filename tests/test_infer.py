@@ -65,6 +65,36 @@ def test_detections_equal_evaluation_on_the_same_image(data, tmp_path, capsys):
     assert "3 images)" in capsys.readouterr().out
 
 
+def test_tta_detections_equal_the_evaluation_path(data, tmp_path):
+    """--tta runs the multi-scale (and flip) test of main.py --eval --tta: the same merged detections."""
+    from datasets.tta import collate_views
+    from models.tta import TestTimeAugmentation
+
+    checkpoint, model, _ = trained(data, tmp_path)
+    out = tmp_path / "out"
+    tta_flags = ["--tta", "--tta_scales", "48", "96", "--tta_flip"]
+    code = TOOL["main"](["--resume", str(checkpoint), "--images", str(data / "coco" / "val2017"), "--out", str(out),
+                         "--threshold", "0", "--no_draw", *tta_flags])
+    assert code == 0
+    results = json.loads((out / "detections.json").read_text())
+
+    args = parse(FLAGS + ["--coco_path", str(data / "coco"), "--num_classes", "7", "--eval", *tta_flags])
+    dataset = build_dataset("val", args)
+    samples, targets, views = collate_views([dataset[0]])
+    model.eval()
+    post = TOOL["build_model"](args)[2]["bbox"]
+    with torch.no_grad():
+        identity = post(model(samples), targets[0]["orig_size"][None])
+        expected = TestTimeAugmentation.from_args(args, post)(model, samples, targets, identity, views)[0]
+    assert len(expected["scores"]) > 20, "the merged passes give more than one pass's --topk 20"
+    first = next(r for r in results if r["file"].endswith(dataset.coco.imgs[dataset.ids[0]]["file_name"]))
+    torch.testing.assert_close(torch.tensor([d["box"] for d in first["detections"]]), expected["boxes"],
+                               atol=0.051, rtol=0)
+    torch.testing.assert_close(torch.tensor([d["score"] for d in first["detections"]]), expected["scores"],
+                               atol=5e-5, rtol=0)
+    assert [d["label"] for d in first["detections"]] == expected["labels"].tolist()
+
+
 def test_threshold_no_draw_and_an_unreadable_image(data, tmp_path, capsys):
     checkpoint, _, _ = trained(data, tmp_path)
     images = tmp_path / "images"
@@ -117,6 +147,9 @@ def test_checkpoint_without_arguments_needs_a_config(data, tmp_path):
     (["--images", "x.jpg", "--out", "o"], ValueError, "--resume"),
     (["--images", "nowhere/", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image or directory"),
     (["--images", "EMPTY", "--out", "o", "--resume", "CKPT"], FileNotFoundError, "no image files"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta", "--tta_scales", "0", "64"], ValueError,
+     r"--tta_scales needs one or more shorter sides > 0 \(pixels\), got \[0, 64\]"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta_flip"], ValueError, "--tta_flip only act"),
 ])
 def test_bad_inputs(data, tmp_path, argv, error, message):
     checkpoint, _, _ = trained(data, tmp_path)

@@ -6,8 +6,9 @@
 
 The model is built from the arguments saved in the checkpoint (else from --config), overridden by main.py flags
 given here (e.g. --device cpu), and run as evaluation runs it: one-to-one queries, the validation resize
-(--val_scale / --max_size). Boxes are in the pixels of each original image. Category names come from the
-annotation file under --coco_path when there is one. An image that cannot be read is reported and skipped.
+(--val_scale / --max_size), or with --tta the multi-scale test of `main.py --eval --tta` (same flags, same code).
+Boxes are in the pixels of each original image. Category names come from the annotation file under --coco_path
+when there is one. An image that cannot be read is reported and skipped.
 """
 import argparse
 import json
@@ -23,10 +24,14 @@ from PIL import ImageDraw  # noqa: E402
 
 from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_options  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
+from datasets.tta import MultiScaleViews  # noqa: E402
 from main import check_device, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
+from models.tta import TestTimeAugmentation  # noqa: E402
+from util.arguments import tta_problems  # noqa: E402
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
+from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -83,12 +88,19 @@ def category_names(args):
 
 
 @torch.no_grad()
-def detect(model, postprocess, transform, image, device, threshold):
-    """Detections of one PIL image: a list of {"label", "score", "box"} (xyxy pixels), best first."""
-    tensor, _ = transform(image, {})
+def detect(model, postprocess, transform, image, device, threshold, tta=None):
+    """Detections of one PIL image: a list of {"label", "score", "box"} (xyxy pixels), best first. With `tta` (a
+    TestTimeAugmentation; `transform` then a MultiScaleViews) the passes of every scale are merged."""
+    tensor, target = transform(image, {})
+    tensor, views = tensor if tta is not None else (tensor, None)
     width, height = image.size
-    outputs = model([tensor.to(device)])  # eval mode: the one-to-one queries
-    result = postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
+    samples = nested_tensor_from_tensor_list([tensor.to(device)])
+    outputs = model(samples)  # eval mode: the one-to-one queries
+    orig_size = torch.tensor([height, width], device=device)
+    result = postprocess(outputs, orig_size[None])[0]
+    if tta is not None:
+        target = {"size": target["size"].to(device), "orig_size": orig_size}
+        result = tta(model, samples, [target], [result], [views])[0]
     keep = result["scores"] >= threshold
     return [{"label": int(label), "score": round(float(score), 4), "box": [round(float(v), 1) for v in box]}
             for score, label, box in zip(result["scores"][keep], result["labels"][keep], result["boxes"][keep])]
@@ -115,6 +127,9 @@ def main(argv=None):
         raise ValueError("pass the trained model with --resume <checkpoint>")
     checkpoint = load_checkpoint(resume)
     model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
+    problems = tta_problems(model_args)
+    if problems:
+        raise ValueError("bad flag values: " + "; ".join(problems))
     check_device(model_args)
     device = torch.device(model_args.device)
     paths = image_paths(args.images)
@@ -126,6 +141,10 @@ def main(argv=None):
         print(f"using the weight average (model_ema) of {resume}")
     model.to(device).eval()
     transform = make_coco_transforms("val", **transform_options(model_args))
+    tta = TestTimeAugmentation.from_args(model_args, postprocessors["bbox"]) if model_args.tta else None
+    if tta is not None:
+        transform = MultiScaleViews(transform, tta.scales)
+        print(tta)
     names = category_names(model_args)
 
     out = Path(args.out)
@@ -138,7 +157,7 @@ def main(argv=None):
             skipped.append(str(path))
             print(f"skipped {path}: {err}", file=sys.stderr)
             continue
-        detections = detect(model, postprocessors["bbox"], transform, image, device, args.threshold)
+        detections = detect(model, postprocessors["bbox"], transform, image, device, args.threshold, tta)
         for det in detections:
             if det["label"] in names:
                 det["name"] = names[det["label"]]

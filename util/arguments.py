@@ -1,4 +1,7 @@
 """Checks of main.py's parsed arguments: values that cannot work stop before anything is built, naming the flag."""
+import argparse
+
+from datasets.tta import UPSTREAM_TTA_SCALES
 
 # flags that must be whole numbers > 0, >= 0; and numbers >= 0
 POSITIVE_INTS = ("batch_size", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one",
@@ -9,6 +12,42 @@ NON_NEGATIVE = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "cli
                 "giou_loss_coef")
 # the input projections' GroupNorm has 32 groups
 GROUP_NORM_GROUPS = 32
+
+
+def size_range(text):
+    """argparse type of --tta_ranges: 'LO,HI' (HI may be 'inf') -> (LO, HI) floats; their order is a check below."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (two numbers, e.g. 96,inf or 0,256)") from None
+    return low, high
+
+
+def tta_problems(args):
+    """Problems with the test-time augmentation flags (main.py's and tools/infer.py's), one message per flag."""
+    problems = []
+    given = [flag for flag, value in (("--tta_scales", args.tta_scales), ("--tta_ranges", args.tta_ranges),
+                                      ("--tta_flip", args.tta_flip)) if value is not None and value is not False]
+    if given and not args.tta:
+        problems.append(f"{', '.join(given)} only act with --tta")
+    scales = args.tta_scales
+    if scales is not None and (not scales or min(scales) <= 0):
+        problems.append(f"--tta_scales needs one or more shorter sides > 0 (pixels), got {list(scales)}")
+    if args.tta_ranges is not None:
+        count = len(UPSTREAM_TTA_SCALES if scales is None else scales)
+        if len(args.tta_ranges) != count:
+            problems.append(f"--tta_ranges gives {len(args.tta_ranges)} ranges for {count} scales: one LO,HI per "
+                            "--tta_scales value, in the same order")
+        bad = [f"{low:g},{high:g}" for low, high in args.tta_ranges if not 0 <= low < high]
+        if bad:
+            problems.append(f"--tta_ranges needs 0 <= LO < HI in every LO,HI, got {' '.join(bad)}")
+    if not 0 < args.tta_vote_iou <= 1:
+        problems.append(f"--tta_vote_iou must be in (0, 1], got {args.tta_vote_iou}")
+    if args.tta_max_dets <= 0:
+        problems.append(f"--tta_max_dets must be > 0, got {args.tta_max_dets}")
+    if args.tta_max_size <= 0:
+        problems.append(f"--tta_max_size must be > 0, got {args.tta_max_size}")
+    return problems
 
 
 def argument_problems(args):
@@ -52,6 +91,8 @@ def argument_problems(args):
           "--finetune and --resume: give one (--resume continues a run, --finetune starts a new one from a "
           "checkpoint's weights)")
     check(not (args.finetune and args.eval), "--finetune starts a training run; evaluate with --eval --resume")
+    check(not args.tta or args.eval, "--tta (test-time augmentation) needs --eval: training evaluates at one scale")
+    problems += tta_problems(args)
     return problems  # --num_queries_one2many > 0 with --k_one2many 0 is models.deformable_detr.build()'s check
 
 
