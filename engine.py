@@ -223,9 +223,10 @@ class TrainingRun:
     In output_dir: checkpoint.pth after every epoch (and every save_every_iters iterations, and when a stop signal
     arrives: then the run saves after the current iteration and raises Preempted), the per-epoch copies
     checkpointNNNN.pth (the last keep_checkpoints of them), log.txt (one JSON line per epoch, written after its
-    evaluation; train_time and test_time: the seconds its training and its evaluation took), log_iterations.txt (every print_freq-th iteration's scalars) and eval/. A run resumed from any
-    checkpoint.pth repeats an uninterrupted run's iterations exactly (same batches, augmentations and random
-    states) and completes what a kill left undone at an epoch end (its copy, evaluation and log line).
+    evaluation; train_time and test_time: the seconds its training and its evaluation took), log_iterations.txt
+    (every print_freq-th iteration's scalars) and eval/. A run resumed from any checkpoint.pth repeats an
+    uninterrupted run's iterations exactly (same batches, augmentations and random states) and completes what a
+    kill left undone at an epoch end (its copy, evaluation and log line).
     """
 
     def __init__(self, args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
