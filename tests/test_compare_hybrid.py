@@ -183,3 +183,9 @@ def test_script_runs_both_variants_per_seed_with_the_same_arguments():
     assert defaults == ["bash configs/demo/r18_synthetic_hybrid_two_stage.sh --coco_path data/synthetic --output_dir "
                         f"exps/demo/compare/{v}_seed0 --seed 0{b}" for v, b in
                         (("hybrid", ""), ("one2one", " --num_queries_one2many 0"))]
+
+
+def test_script_help():
+    result = script("--help")
+    assert result.returncode == 0 and "--seeds N (seeds 0..N-1, default 1)" in result.stdout
+    assert "set -euo" not in result.stdout

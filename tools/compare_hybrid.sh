@@ -13,7 +13,8 @@
 # Every other argument goes to main.py in both runs (the one2one run then gets --num_queries_one2many 0 after
 # them). Runs land in DIR/<hybrid|one2one>_seed<S> (log.txt, console.txt, wall_time.txt: the seconds of the whole
 # main.py process), the table in DIR/table.txt, the figure in DIR.png; earlier runs in DIR are deleted first.
-# python tools/compare_hybrid.py DIR redraws the table and the figure.
+# python tools/compare_hybrid.py DIR redraws the table and the figure. About 21 min with the defaults on an idle
+# 2-core CPU; on a busy machine, OMP_NUM_THREADS=1 bash tools/compare_hybrid.sh ... is much faster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
         --seeds | --num_train | --num_val | --out) [ $# -ge 2 ] || die "$1 needs a value" ;;
         --seed | --seed=* | --output_dir | --output_dir=* | --coco_path | --coco_path=*)
             die "$1 is set by this script (use --seeds, --out, --num_train/--num_val)" ;;
-        -h | --help) sed -n '2,16p' "$0" | cut -c3-; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { print substr($0, 3) }' "$0"; exit 0 ;;
     esac
     case $1 in
         --seeds) positive "$1" "$2"; SEEDS=$((10#$2)); shift 2 ;;

@@ -176,5 +176,6 @@ def plot(groups, out=None):
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes[1]:
         ax.set(xlabel="training time (min, mean over seeds; evaluation excluded)")
-    fig.suptitle("mean over seeds; shaded: min to max over seeds")
+    several = any(len(group) > 1 for group in groups.values())
+    fig.suptitle("mean over seeds; shaded: min to max over seeds" if several else "one seed per variant")
     return plot_utils._finish(fig, axes.ravel(), out)
