@@ -86,13 +86,14 @@ def test_table_compares_equal_epochs_only(tmp_path):
 
 
 def test_logs_without_times(tmp_path):
-    run = write_run(tmp_path / "hybrid_seed0", [0.1, 0.2])
-    lines = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
-    (run / "log.txt").write_text("".join(json.dumps({k: v for k, v in r.items() if not k.endswith("_time")}) + "\n"
-                                         for r in lines))
+    for seed in (0, 1):
+        run = write_run(tmp_path / f"hybrid_seed{seed}", [0.1, 0.2])
+        lines = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
+        (run / "log.txt").write_text("".join(json.dumps({k: v for k, v in r.items() if not k.endswith("_time")})
+                                             + "\n" for r in lines))
     text = compare_runs.table(compare_runs.find_runs(tmp_path))
-    assert text.splitlines()[3].split() == ["2", "0.200", "0.400", "n/a"]
-    assert "training n/a, evaluation n/a, whole run 3.3 min" in text
+    assert text.splitlines()[3].split() == ["2", "0.200", "±", "0.000", "0.400", "±", "0.000", "n/a"]
+    assert "training n/a, evaluation n/a, whole run 3.3 ± 0.0 min" in text
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -69,8 +69,10 @@ def find_runs(directory):
 
 
 def spread(values):
-    """(mean, sample standard deviation (nan for one value), min, max) of a list of numbers."""
+    """(mean, sample standard deviation (nan for one value), min, max) of a list of numbers; all nan when one is."""
     values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan, math.nan, math.nan
     std = statistics.stdev(values) if len(values) > 1 else math.nan
     return statistics.fmean(values), std, min(values), max(values)
 
