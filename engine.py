@@ -2,6 +2,7 @@
 models.criterion.HybridCriterion)."""
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -226,9 +227,10 @@ class TrainingRun:
     In output_dir: checkpoint.pth after every epoch (and every save_every_iters iterations, and when a stop signal
     arrives: then the run saves after the current iteration and raises Preempted), the per-epoch copies
     checkpointNNNN.pth (the last keep_checkpoints of them), log.txt (one JSON line per epoch, written after its
-    evaluation), log_iterations.txt (every print_freq-th iteration's scalars) and eval/. A run resumed from any
-    checkpoint.pth repeats an uninterrupted run's iterations exactly (same batches, augmentations and random
-    states) and completes what a kill left undone at an epoch end (its copy, evaluation and log line).
+    evaluation; train_time and test_time: the seconds its training and its evaluation took), log_iterations.txt
+    (every print_freq-th iteration's scalars) and eval/. A run resumed from any checkpoint.pth repeats an
+    uninterrupted run's iterations exactly (same batches, augmentations and random states) and completes what a
+    kill left undone at an epoch end (its copy, evaluation and log line).
     """
 
     def __init__(self, args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
@@ -248,6 +250,7 @@ class TrainingRun:
         self.start_epoch, self.start_iteration = args.start_epoch, 0
         self.resumed = None  # the in-epoch state of a mid-epoch checkpoint: meters and random states
         self.pending_epoch_end = None  # (epoch, train stats) of an epoch whose end a kill interrupted
+        self.epoch_started = None  # time.time() at the start of this epoch's training (less a resumed part)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -266,7 +269,7 @@ class TrainingRun:
         randomness = all_random_states()
         if self.output_dir is not None:
             in_epoch = {"epoch": epoch, "iteration": iterations_done, "random": randomness,
-                        "meters": logger.state()}
+                        "meters": logger.state(), "seconds": time.time() - self.epoch_started}
             save_checkpoint(self.state(epoch - 1, in_epoch=in_epoch), self.output_dir / LATEST)
 
     def resume(self, checkpoint, source):
@@ -333,6 +336,7 @@ class TrainingRun:
 
     def evaluate_and_log(self, epoch, train_stats):
         evaluated = self.ema.module if self.ema is not None else self.model
+        started = time.time()
         stats, coco_evaluator = evaluate(evaluated, self.criterion, self.postprocessors, self.loader_val,
                                          self.base_ds, self.device, self.args.output_dir,
                                          use_wandb=self.args.use_wandb, print_freq=self.args.print_freq,
@@ -343,7 +347,7 @@ class TrainingRun:
             for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else []):
                 save_checkpoint(coco_evaluator.coco_eval["bbox"].eval, self.output_dir / "eval" / name)
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in stats.items()},
+                         **{f"test_{k}": v for k, v in stats.items()}, "test_time": time.time() - started,
                          "epoch": epoch, "n_parameters": self.n_parameters}
             with (self.output_dir / "log.txt").open("a") as f:  # last: a logged epoch is a finished one
                 f.write(json.dumps(log_stats) + "\n")
@@ -377,15 +381,19 @@ class TrainingRun:
                 seed_everything(epoch_seed(args.seed, epoch, get_rank()))
                 start = self.start_iteration if epoch == self.start_epoch else 0
                 logger = train_logger()
+                resumed_seconds = 0.0
                 if start and self.resumed is not None:
                     logger.load_state(self.resumed["meters"])
                     restore_random_states(self.resumed["random"])
+                    resumed_seconds = self.resumed.get("seconds", 0.0)  # the iterations before the save
+                self.epoch_started = time.time() - resumed_seconds
                 self.batch_sampler.set_epoch(epoch, start)
                 train_stats = train_one_epoch(
                     self.model, self.criterion, self.loader_train, self.optimizer, self.device, epoch,
                     args.clip_max_norm, use_wandb=args.use_wandb, use_fp16=args.use_fp16, scaler=self.scaler,
                     print_freq=args.print_freq, start_iteration=start, logger=logger, ema=self.ema,
                     after_iteration=lambda i, log, scalars, e=epoch: self.after_iteration(e, i, log, scalars))
+                train_stats["time"] = time.time() - self.epoch_started  # log.txt's train_time
                 self.scheduler.step()
                 stats = self.finish_epoch(epoch, train_stats)
                 if self.preemption.requested():

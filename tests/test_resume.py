@@ -52,6 +52,16 @@ def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+TIMES = ("train_time", "test_time")  # seconds: the one thing of log.txt a resumed run does not repeat
+
+
+def epoch_lines(path):
+    """log.txt without its times, after checking they are there."""
+    entries = lines(path)
+    assert all(entry[key] > 0 for entry in entries for key in TIMES)
+    return [{k: v for k, v in entry.items() if k not in TIMES} for entry in entries]
+
+
 def losses(out):
     """(epoch, iteration, loss) of every iteration."""
     return [(e["epoch"], e["iteration"], e["loss"]) for e in lines(out / ITERATION_LOG)]
@@ -65,10 +75,11 @@ def uninterrupted(coco, tmp_path_factory):
 
 
 def assert_same_run(out, reference):
-    """Iteration by iteration the same losses, and the same log.txt (train and test figures of every epoch)."""
+    """Iteration by iteration the same losses, and the same log.txt (train and test figures of every epoch, not
+    their times)."""
     assert losses(out) == losses(reference)
     assert len(losses(out)) == 2 * ITERATIONS
-    ours, theirs = lines(out / "log.txt"), lines(reference / "log.txt")
+    ours, theirs = epoch_lines(out / "log.txt"), epoch_lines(reference / "log.txt")
     assert [e["epoch"] for e in ours] == [0, 1]
     assert ours == theirs
     assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0000.pth",
@@ -94,8 +105,14 @@ def test_resuming_a_mid_epoch_checkpoint_repeats_the_run(coco, uninterrupted, tm
     saved = load_checkpoint(tmp_path / "checkpoint.pth")
     assert saved["epoch"] == -1 and (saved["in_epoch"]["epoch"], saved["in_epoch"]["iteration"]) == (0, 2)
     assert len(losses(tmp_path)) == 3  # iteration 2 ran after the checkpoint: it is logged again on resume
+    before = saved["in_epoch"]["seconds"]
+    assert before > 0
+    started = time.time()
     train(coco, tmp_path, "--save_every_iters", 2, "--auto_resume")
     assert_same_run(tmp_path, uninterrupted)
+    # epoch 0's training time: the seconds before the save, and those of the resumed iterations
+    epoch_0 = lines(tmp_path / "log.txt")[0]
+    assert before < epoch_0["train_time"] < before + (time.time() - started)
 
 
 @pytest.mark.parametrize("dies", ["before the per-epoch copy", "before the log line"])
@@ -206,7 +223,7 @@ def test_two_processes_stop_on_a_signal_and_resume_exactly(coco, tmp_path):
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
     assert losses(out) == losses(reference) and len(losses(out)) == 8  # 4 iterations of batch 1 per process
-    assert lines(out / "log.txt") == lines(reference / "log.txt")
+    assert epoch_lines(out / "log.txt") == epoch_lines(reference / "log.txt")
 
 
 def test_upstream_and_epoch_end_checkpoints_resume_at_the_next_epoch(coco, uninterrupted, tmp_path):
@@ -236,7 +253,7 @@ def test_auto_resume_skips_a_corrupt_checkpoint_naming_it(coco, uninterrupted, t
     assert f"cannot resume from {tmp_path / 'checkpoint.pth'}" in out
     assert f"--auto_resume: resuming from {tmp_path / 'checkpoint0000.pth'} (epoch 1, iteration 0)" in out
     assert [e["epoch"] for e in lines(tmp_path / "log.txt")] == [0, 1]  # epoch 1 again, once
-    assert lines(tmp_path / "log.txt") == lines(uninterrupted / "log.txt")
+    assert epoch_lines(tmp_path / "log.txt") == epoch_lines(uninterrupted / "log.txt")
 
 
 def test_auto_resume_without_a_checkpoint_starts_a_new_run(coco, tmp_path, capsys):
