@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from util.image_io import decode_image, read_bytes
 from util.misc import get_local_rank, get_local_size
 
 from .transforms import make_coco_transforms
@@ -41,20 +41,13 @@ def num_classes_from_annotations(ann_file):
     return max(int(c["id"]) for c in categories) + 1
 
 
-def decode_image(data, path):
-    """Encoded image bytes -> RGB PIL image; an undecodable file raises naming ``path``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RuntimeError(f"cannot decode image {path}: {error}") from error
-
-
-def read_bytes(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    return path.read_bytes()
+def category_names(coco_path):
+    """{category id: name} from the validation (else training) annotation file under ``coco_path``; {} if none."""
+    for _, ann_file in (COCO_SPLITS["val"], COCO_SPLITS["train"]):
+        path = Path(coco_path) / ann_file
+        if path.is_file():
+            return {int(c["id"]): c["name"] for c in json.loads(path.read_text()).get("categories", [])}
+    return {}
 
 
 def coco_annotations_to_target(annotations, image_id, width, height):

@@ -33,11 +33,11 @@ def window_partition(x, ws):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
 
 
-def window_reverse(windows, ws, h, w):
-    """Inverse of window_partition: [B * nW, ws, ws, C] -> [B, H, W, C]."""
+def window_reverse(windows, ws, h, w, b):
+    """Inverse of window_partition: [B * nW, ws * ws or (ws, ws), C] -> [B, H, W, C]."""
     c = windows.shape[-1]
-    x = windows.view(-1, h // ws, w // ws, ws, ws, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+    x = windows.view(b, h // ws, w // ws, ws, ws, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
 def relative_position_index(ws):
@@ -143,7 +143,7 @@ class SwinTransformerBlock(nn.Module):
 
         windows = window_partition(x, ws).reshape(-1, ws * ws, c)  # [B * nW, N, C]
         windows = self.attn(windows, mask=attn_mask if shift > 0 else None)
-        x = window_reverse(windows.view(-1, ws, ws, c), ws, hp, wp)  # [B, Hp, Wp, C]
+        x = window_reverse(windows, ws, hp, wp, b)  # [B, Hp, Wp, C]
 
         if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
@@ -191,7 +191,7 @@ class BasicLayer(nn.Module):
     def forward(self, x, h, w):
         """x: [B, H*W, C] -> (stage output [B, H*W, C], next input [B, H'*W', C'], H', W')."""
         ws = self.window_size
-        hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
+        hp, wp = h + (-h) % ws, w + (-w) % ws  # padded to whole windows, as the blocks pad
         attn_mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device)
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():

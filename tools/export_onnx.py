@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Export a trained model to ONNX and check the file against PyTorch with onnxruntime.
+
+    python tools/export_onnx.py --resume exps/run/checkpoint.pth --out model.onnx [--with_postprocess]
+                                [--config configs/...sh] [--example_size H W] [--opset N] [--no_check] [main.py flags]
+
+The model is rebuilt from the arguments saved in the checkpoint (else from --config), overridden by main.py flags
+given here, and exported in eval mode on the CPU: the one-to-one queries, deformable attention on the PyTorch path
+(grid_sample; the compiled ops are not exportable), no gradient checkpointing. The graph takes "images"
+[B, 3, H, W] (normalised, padded bottom/right) and "mask" [B, H, W] (True on padding), with dynamic B, H and W,
+and returns "pred_logits" and "pred_boxes"; --with_postprocess adds the input "orig_sizes" [B, 2] (h, w) and the
+outputs "scores", "labels" and "boxes" (the --topk best, xyxy in pixels of orig_sizes). The evaluation resize,
+--topk and the category names (from the annotation file under --coco_path, when found) are written into the
+file's metadata, for tools/infer.py --onnx. Then onnx.checker checks the file and onnxruntime runs it on random
+images of three sizes and a padded batch of two, against PyTorch (max abs difference of logits and boxes at most
+1e-4). Needs onnx, onnxscript and onnxruntime.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from datasets.coco import category_names, transform_options  # noqa: E402
+from datasets.transforms import eval_resize  # noqa: E402
+from main import get_args_parser  # noqa: E402
+from models import build_model  # noqa: E402
+from models.onnx_export import (CHECK_TOLERANCE, check_export, check_sizes, export_metadata, export_onnx,  # noqa: E402
+                                import_onnx_packages)
+from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.config_script import main_arguments  # noqa: E402
+from util.onnx_runtime import import_onnxruntime  # noqa: E402
+
+
+def export_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--with_postprocess", action="store_true",
+                        help="include the post-processing: top-k scores, labels and boxes in pixels of orig_sizes")
+    parser.add_argument("--config", default=None, help="config script whose main.py flags build the model "
+                                                       "(when the checkpoint carries no arguments)")
+    parser.add_argument("--example_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="image size traced with (default: the evaluation resize of a 4:3 image); the graph "
+                             "runs on other sizes too")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    parser.add_argument("--no_check", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
+    return parser
+
+
+def model_from_checkpoint(args, rest):
+    """(model in eval mode on the CPU, its post-processing, its main.py arguments) of --resume."""
+    resume = get_args_parser().parse_known_args(rest)[0].resume
+    if not resume:
+        raise ValueError("pass the trained model with --resume <checkpoint>")
+    checkpoint = load_checkpoint(resume)
+    model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
+    model_args.device = "cpu"  # the export traces on the CPU whatever the model was trained on
+    model, _, postprocessors = build_model(model_args)
+    load_model_state(model, checkpoint, resume, model_args)
+    return model.eval(), postprocessors["bbox"], model_args
+
+
+def main(argv=None):
+    args, rest = export_args_parser().parse_known_args(argv)
+    if args.example_size and min(args.example_size) < 1:
+        raise ValueError(f"--example_size must be two positive sizes, got {args.example_size}")
+    import_onnx_packages()
+    if not args.no_check:
+        import_onnxruntime()
+    model, postprocess, model_args = model_from_checkpoint(args, rest)
+    val_scale, max_size = eval_resize(**{k: v for k, v in transform_options(model_args).items() if k != "crop"})
+    example_size = tuple(args.example_size or (val_scale, min(max_size, val_scale * 4 // 3)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    export_onnx(model, out, postprocess if args.with_postprocess else None, example_size,
+                export_metadata(val_scale, max_size, model_args.topk, category_names(model_args.coco_path)),
+                args.opset)
+    seconds = time.perf_counter() - start
+    print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB) in {seconds:.1f} s; traced at {example_size}, "
+          f"evaluation resize {val_scale} (max {max_size})")
+    if args.no_check:
+        return 0
+    report = check_export(model, out, check_sizes(val_scale, max_size),
+                          postprocess if args.with_postprocess else None)
+    for shapes, logits_diff, boxes_diff in report:
+        print(f"  onnxruntime vs PyTorch, images {shapes}: max |logits diff| {logits_diff:.1e}, "
+              f"max |boxes diff| {boxes_diff:.1e}")
+    print(f"checked: onnx.checker passed, onnxruntime within {CHECK_TOLERANCE:.0e} of PyTorch")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, ImportError) as err:
+        sys.exit(f"export_onnx: {err}")
