@@ -1,13 +1,20 @@
-"""Training and evaluation loops (the hybrid loss itself is models.criterion.HybridCriterion)."""
+"""Training and evaluation loops, and the training run around them (the hybrid loss itself is
+models.criterion.HybridCriterion)."""
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from datasets.coco_eval import CocoEvaluator
 from datasets.data_prefetcher import data_prefetcher
 from models.criterion import HybridCriterion, weighted_losses
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.metric_logger import MetricLogger, SmoothedValue
-from util.misc import get_total_grad_norm, reduce_dict
+from util.misc import get_rank, get_total_grad_norm, is_dist_avail_and_initialized, is_main_process, reduce_dict
+from util.preemption import Preempted, Preemption
+from util.training_state import (ITERATION_LOG, LATEST, all_random_states, epoch_seed, prune_epoch_copies, read_log,
+                                 restore_random_states, resume_training_state, seed_everything, truncate_log)
 
 
 def train_hybrid(outputs, targets, k_one2many, criterion, lambda_one2many):
@@ -18,6 +25,9 @@ def train_hybrid(outputs, targets, k_one2many, criterion, lambda_one2many):
     return HybridCriterion(criterion, k_one2many, lambda_one2many)(outputs, targets)
 
 
+STOPPED = "Training stopped; the last saved checkpoint is unchanged (try a lower --lr or --clip_max_norm)"
+
+
 def _check_finite(loss_value, loss_dict, epoch, iteration):
     """Stop on a non-finite loss, naming the terms that went bad (the last checkpoint stays as it was)."""
     if math.isfinite(loss_value):
@@ -26,29 +36,92 @@ def _check_finite(loss_value, loss_dict, epoch, iteration):
     raise FloatingPointError(
         f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; non-finite terms: "
         f"{', '.join(f'{k}={v}' for k, v in sorted(bad.items())) or 'none (the weighted sum overflowed)'}. "
-        "Training stopped; the last saved checkpoint is unchanged (try a lower --lr or --clip_max_norm)")
+        + STOPPED)
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0, use_wandb=False,
-                    use_fp16=False, scaler=None, print_freq=10):
-    """One pass over data_loader, minimising the weighted sum of criterion's losses (build_model's
-    HybridCriterion trains both query groups); returns the epoch's averaged metrics."""
-    model.train()
-    criterion.train()
+def _output_tensors(outputs, prefix=""):
+    """(name, tensor) of every tensor in the model's nested output dict."""
+    if isinstance(outputs, dict):
+        return [item for key, value in outputs.items() for item in _output_tensors(value, f"{prefix}{key}.")]
+    if isinstance(outputs, (list, tuple)):
+        return [item for i, value in enumerate(outputs) for item in _output_tensors(value, f"{prefix}{i}.")]
+    return [(prefix[:-1], outputs)] if torch.is_tensor(outputs) else []
+
+
+def _check_outputs_finite(outputs, epoch, iteration):
+    """Stop when the model's outputs hold inf or nan (diverged weights), on every process at once, before the
+    matcher meets the broken boxes; the message names the outputs and the epoch and iteration."""
+    named = _output_tensors(outputs)
+    finite = torch.stack([tensor.detach().isfinite().all() for _, tensor in named])
+    everywhere = finite.all().float()
+    if is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+    if everywhere.item() < 1:
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"the model's outputs are not finite at epoch {epoch}, iteration {iteration} "
+            f"({', '.join(bad[:6]) or 'on another process'}): the weights diverged. " + STOPPED)
+
+
+def train_logger():
+    """The MetricLogger of a training epoch (its meters are what a mid-epoch checkpoint saves)."""
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     logger.add_meter("grad_norm", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    return logger
+
+
+# the console's group sums: in log_iterations.txt, not in log.txt's epoch lines (their format stays upstream's)
+GROUP_SUMS = ("loss_one2one", "loss_one2many")
+
+
+def group_losses(scaled):
+    """{loss_one2one, loss_one2many}: sums of the weighted terms of each query group (the _enc terms count with
+    the one-to-one group); {} without one-to-many terms."""
+    one2many = [v for k, v in scaled.items() if k.endswith("_one2many")]
+    if not one2many:
+        return {}
+    return dict(zip(GROUP_SUMS, (sum(scaled.values()) - sum(one2many), sum(one2many))))
+
+
+def train_summary(logger):
+    """The console's view of a training iteration: the total and group losses, class error, lr, grad norm."""
+    meters = logger.meters
+    text = f"loss {meters['loss'].median:.3f}"
+    if "loss_one2one" in meters:
+        text += f" (o2o {meters['loss_one2one'].median:.3f}, o2m {meters['loss_one2many'].median:.3f})"
+    return (text + f"  cls_err {meters['class_error'].value:.1f}  lr {meters['lr'].value:.1e}  "
+            f"grad {meters['grad_norm'].value:.2f}")
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0, use_wandb=False,
+                    use_fp16=False, scaler=None, print_freq=10, start_iteration=0, logger=None, ema=None,
+                    after_iteration=None):
+    """One pass over data_loader, minimising the weighted sum of criterion's losses (build_model's
+    HybridCriterion trains both query groups); returns the epoch's averaged metrics.
+
+    A resumed epoch starts at start_iteration (data_loader yields the remaining batches) with the restored
+    `logger` (train_logger()). `ema` (timm's ModelEmaV3) is updated after each step. after_iteration(iteration,
+    logger, scalars) runs after each one (iteration records, mid-epoch checkpoints, preemption).
+    """
+    model.train()
+    criterion.train()
+    logger = logger if logger is not None else train_logger()
     device = torch.device(device)
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
     weight_dict = criterion.weight_dict
+    iterations = len(data_loader)
+    averaged = model.module if hasattr(model, "module") else model  # what the EMA follows (DDP unwrapped)
 
     prefetcher = data_prefetcher(data_loader, device, prefetch=True)
     samples, targets = prefetcher.next()
-    for iteration in logger.log_every(range(len(data_loader)), print_freq, f"Epoch: [{epoch}]"):
+    for iteration in logger.log_every(range(start_iteration, iterations), print_freq, f"Epoch {epoch}",
+                                      total=iterations, summary=train_summary):
         with torch.autocast(device.type, enabled=use_fp16):
             outputs = model(samples)
+            _check_outputs_finite(outputs, epoch, iteration)
             loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 
@@ -66,25 +139,40 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             grad_norm = get_total_grad_norm(model.parameters())
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(averaged, step=epoch * iterations + iteration + 1)
 
-        logger.update(loss=loss_value, **reduced_scaled, **{f"{k}_unscaled": v for k, v in reduced.items()})
-        logger.update(class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm)
+        reduced = {k: v.item() for k, v in reduced.items()}
+        reduced_scaled = {k: v.item() for k, v in reduced_scaled.items()}
+        scalars = {"loss": loss_value, **group_losses(reduced_scaled), **reduced_scaled,
+                   **{f"{k}_unscaled": v for k, v in reduced.items()}, "class_error": reduced["class_error"],
+                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+        logger.update(**scalars)
         if use_wandb:
             import wandb
 
-            wandb.log({k: v.item() for k, v in reduced.items()})
+            wandb.log(reduced)
+        if after_iteration is not None:
+            after_iteration(iteration, logger, scalars)
         samples, targets = prefetcher.next()
 
     logger.synchronize_between_processes()
-    print("Averaged stats:", logger)
-    return {k: meter.global_avg for k, meter in logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in logger.meters.items() if k not in GROUP_SUMS}
+    print(f"Epoch {epoch} averages: loss {stats['loss']:.4f}, class_error {stats['class_error']:.2f} (every term in "
+          "log.txt)", flush=True)
+    return stats
+
+
+def eval_summary(logger):
+    return f"loss {logger.meters['loss'].median:.3f}  cls_err {logger.meters['class_error'].value:.1f}"
 
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir="", use_wandb=False,
-             print_freq=10):
+             print_freq=10, table=True):
     """COCO bbox evaluation (the model in eval mode runs its one-to-one queries alone); returns (stats, the
-    CocoEvaluator). The model's and criterion's train/eval modes are restored afterwards."""
+    CocoEvaluator); table=False leaves out the printed COCO table. The model's and criterion's train/eval modes are
+    restored afterwards."""
     model_training, criterion_training = model.training, criterion.training
     model.eval()
     criterion.eval()
@@ -93,7 +181,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
     weight_dict = criterion.weight_dict
     try:
-        for samples, targets in logger.log_every(data_loader, print_freq, "Test:"):
+        for samples, targets in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):
             samples = samples.to(device)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             outputs = model(samples)
@@ -110,10 +198,9 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         criterion.train(criterion_training)
 
     logger.synchronize_between_processes()
-    print("Averaged stats:", logger)
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
-    coco_evaluator.summarize()
+    coco_evaluator.summarize(table)
     stats = {k: meter.global_avg for k, meter in logger.meters.items()}
     stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
     if use_wandb:
@@ -121,3 +208,184 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
 
         wandb.log({"AP": stats["coco_eval_bbox"][0], "AP50": stats["coco_eval_bbox"][1]})
     return stats, coco_evaluator
+
+
+def print_ap(stats):
+    ap = stats["coco_eval_bbox"]
+    print(f"bbox AP {ap[0]:.4f}  AP50 {ap[1]:.4f}  AP75 {ap[2]:.4f}  APs {ap[3]:.4f}  APm {ap[4]:.4f}  "
+          f"APl {ap[5]:.4f}", flush=True)
+
+
+class TrainingRun:
+    """The epochs of a training run, each followed by its evaluation, and the files that make it resumable.
+
+    In output_dir: checkpoint.pth after every epoch (and every save_every_iters iterations, and when a stop signal
+    arrives: then the run saves after the current iteration and raises Preempted), the per-epoch copies
+    checkpointNNNN.pth (the last keep_checkpoints of them), log.txt (one JSON line per epoch, written after its
+    evaluation), log_iterations.txt (every print_freq-th iteration's scalars) and eval/. A run resumed from any
+    checkpoint.pth repeats an uninterrupted run's iterations exactly (same batches, augmentations and random
+    states) and completes what a kill left undone at an epoch end (its copy, evaluation and log line).
+    """
+
+    def __init__(self, args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
+                 loader_train, loader_val, base_ds, device, ema=None, n_parameters=0):
+        self.args = args
+        self.model = model
+        self.model_without_ddp = model.module if hasattr(model, "module") else model
+        self.criterion, self.postprocessors = criterion, postprocessors
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.batch_sampler, self.loader_train, self.loader_val = batch_sampler, loader_train, loader_val
+        self.base_ds, self.device, self.ema = base_ds, device, ema
+        self.n_parameters = n_parameters
+        self.output_dir = Path(args.output_dir) if args.output_dir else None
+        self.main_process = is_main_process()
+        self.preemption = Preemption(device)
+        self.tensorboard = None
+        self.start_epoch, self.start_iteration = args.start_epoch, 0
+        self.resumed = None  # the in-epoch state of a mid-epoch checkpoint: meters and random states
+        self.pending_epoch_end = None  # (epoch, train stats) of an epoch whose end a kill interrupted
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def state(self, epoch_done, **extra):
+        """What checkpoint.pth holds: upstream's entries ("epoch" = the last completed epoch) and ours."""
+        state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.scheduler.state_dict(), "epoch": epoch_done, "args": self.args}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        return {**state, **extra}
+
+    def save_in_epoch(self, epoch, iterations_done, logger):
+        """checkpoint.pth at an iteration of `epoch` (collective: every process's random state goes in)."""
+        randomness = all_random_states()
+        if self.output_dir is not None:
+            in_epoch = {"epoch": epoch, "iteration": iterations_done, "random": randomness,
+                        "meters": logger.state()}
+            save_checkpoint(self.state(epoch - 1, in_epoch=in_epoch), self.output_dir / LATEST)
+
+    def resume(self, checkpoint, source):
+        """Continue from `checkpoint` (ours at an epoch end or mid-epoch, or upstream's)."""
+        resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler)
+        if self.ema is not None and "model_ema" in checkpoint:
+            self.ema.module.load_state_dict(checkpoint["model_ema"])
+        in_epoch = checkpoint.get("in_epoch")
+        if in_epoch is not None:
+            self.start_epoch, self.start_iteration = in_epoch["epoch"], in_epoch["iteration"]
+            self.resumed = in_epoch
+        else:
+            self.start_epoch = self.args.start_epoch
+            if "train_stats" in checkpoint:
+                self.pending_epoch_end = (checkpoint["epoch"], checkpoint["train_stats"])
+        print(f"resuming {source} at epoch {self.start_epoch}, iteration {self.start_iteration}", flush=True)
+        if self.output_dir is not None and self.main_process:
+            # lines from beyond the resume point (written after the checkpoint, or by a run that went further)
+            truncate_log(self.output_dir / "log.txt", lambda entry: entry["epoch"] < self.start_epoch)
+            truncate_log(self.output_dir / ITERATION_LOG, lambda entry: (entry["epoch"], entry["iteration"])
+                         < (self.start_epoch, self.start_iteration))
+
+    # ------------------------------------------------------------------------------------------- epochs
+
+    def after_iteration(self, epoch, iteration, logger, scalars):
+        done = iteration + 1
+        if self.main_process and (iteration % self.args.print_freq == 0 or done == len(self.loader_train)):
+            self.record(epoch, iteration, scalars)
+        every = self.args.save_every_iters
+        saved = bool(every) and done % every == 0 and done < len(self.loader_train)
+        if saved:
+            self.save_in_epoch(epoch, done, logger)
+        if self.preemption.requested():
+            if not saved:
+                self.save_in_epoch(epoch, done, logger)
+            self.stop(epoch, done)
+
+    def stop(self, epoch, iterations_done):
+        where = self.output_dir / LATEST if self.output_dir is not None else None
+        message = (f"received {self.preemption.name}: stopped after epoch {epoch} iteration {iterations_done}; " +
+                   (f"saved {where}: resume with --resume {where} (or --auto_resume)" if where is not None
+                    else "nothing saved (no --output_dir)"))
+        raise Preempted(message, self.preemption.signum)
+
+    def record(self, epoch, iteration, scalars):
+        """One line of log_iterations.txt, and TensorBoard's scalars (main process)."""
+        if self.output_dir is not None:
+            with (self.output_dir / ITERATION_LOG).open("a") as f:
+                f.write(json.dumps({"epoch": epoch, "iteration": iteration, **scalars}) + "\n")
+        if self.tensorboard is not None:
+            step = epoch * len(self.loader_train) + iteration
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def finish_epoch(self, epoch, train_stats):
+        """The epoch end: checkpoint.pth, its per-epoch copy, then the evaluation and the log line."""
+        if self.output_dir is not None:
+            state = self.state(epoch, train_stats=train_stats)
+            save_checkpoint(state, self.output_dir / LATEST)
+            save_checkpoint(state, self.output_dir / f"checkpoint{epoch:04}.pth")
+            if self.main_process:
+                prune_epoch_copies(self.output_dir, self.args.keep_checkpoints)
+        return self.evaluate_and_log(epoch, train_stats)
+
+    def evaluate_and_log(self, epoch, train_stats):
+        evaluated = self.ema.module if self.ema is not None else self.model
+        stats, coco_evaluator = evaluate(evaluated, self.criterion, self.postprocessors, self.loader_val,
+                                         self.base_ds, self.device, self.args.output_dir,
+                                         use_wandb=self.args.use_wandb, print_freq=self.args.print_freq,
+                                         table=False)
+        print_ap(stats)
+        if self.output_dir is not None and self.main_process:
+            (self.output_dir / "eval").mkdir(exist_ok=True)
+            for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else []):
+                save_checkpoint(coco_evaluator.coco_eval["bbox"].eval, self.output_dir / "eval" / name)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in stats.items()},
+                         "epoch": epoch, "n_parameters": self.n_parameters}
+            with (self.output_dir / "log.txt").open("a") as f:  # last: a logged epoch is a finished one
+                f.write(json.dumps(log_stats) + "\n")
+        if self.tensorboard is not None:
+            for name, value in zip(("AP", "AP50", "AP75"), stats["coco_eval_bbox"]):
+                self.tensorboard.add_scalar(f"test/{name}", value, epoch)
+        return stats
+
+    def complete_interrupted_epoch_end(self):
+        """After a kill between an epoch's checkpoint and its log line: its copy, evaluation and line."""
+        if self.pending_epoch_end is None or self.output_dir is None:
+            return
+        epoch, train_stats = self.pending_epoch_end
+        copy = self.output_dir / f"checkpoint{epoch:04}.pth"
+        if not copy.exists() and (self.output_dir / LATEST).exists():
+            save_checkpoint(load_checkpoint(self.output_dir / LATEST), copy)
+        if not any(entry["epoch"] == epoch for entry in read_log(self.output_dir / "log.txt")):
+            print(f"completing the end of epoch {epoch} (evaluation and log line)", flush=True)
+            self.evaluate_and_log(epoch, train_stats)
+
+    def run(self):
+        """Train from the start (or resume) point to args.epochs; returns the last evaluation's stats."""
+        args, stats = self.args, None
+        if args.tensorboard and self.main_process and self.output_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+        with self.preemption.handling():
+            self.complete_interrupted_epoch_end()
+            for epoch in range(self.start_epoch, args.epochs):
+                seed_everything(epoch_seed(args.seed, epoch, get_rank()))
+                start = self.start_iteration if epoch == self.start_epoch else 0
+                logger = train_logger()
+                if start and self.resumed is not None:
+                    logger.load_state(self.resumed["meters"])
+                    restore_random_states(self.resumed["random"])
+                self.batch_sampler.set_epoch(epoch, start)
+                train_stats = train_one_epoch(
+                    self.model, self.criterion, self.loader_train, self.optimizer, self.device, epoch,
+                    args.clip_max_norm, use_wandb=args.use_wandb, use_fp16=args.use_fp16, scaler=self.scaler,
+                    print_freq=args.print_freq, start_iteration=start, logger=logger, ema=self.ema,
+                    after_iteration=lambda i, log, scalars, e=epoch: self.after_iteration(e, i, log, scalars))
+                self.scheduler.step()
+                stats = self.finish_epoch(epoch, train_stats)
+                if self.preemption.requested():
+                    self.stop(epoch, len(self.loader_train))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return stats

@@ -1,24 +1,29 @@
 """Train and evaluate H-Deformable-DETR (command line as upstream main.py)."""
 import argparse
 import datetime
-import json
+import functools
 import math
-import random
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import datasets.samplers as samplers
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
-from datasets.coco import COCO_SPLITS
-from engine import evaluate, train_one_epoch
+from datasets.coco import COCO_SPLITS, dataset_root
+from engine import TrainingRun, evaluate, print_ap
 from models import build_model
-from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, load_pretrained_backbone
-from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, ViTBackbone, load_pretrained_backbone
+from models.vit import layer_decay_param_groups
+from util.arguments import argument_problems, check_args
+from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
+from util.preemption import Preempted
+from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
+    epoch_seed, find_resume_checkpoint, remove_temporaries, resume_training_state, seed_everything)
 
 
 def get_args_parser():
@@ -47,7 +52,8 @@ def get_args_parser():
 
     # backbone
     parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="resnet18/34/50/101, swin_tiny, swin_small, swin_large or swin_large_window12")
+                        help="resnet18/34/50/101, swin_tiny, swin_small, swin_large, swin_large_window12, vit_base "
+                             "or vit_large")
     parser.add_argument("--dilation", action="store_true",
                         help="replace the stride of the last ResNet stage by a dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
@@ -57,11 +63,25 @@ def get_args_parser():
     parser.add_argument("--num_feature_levels", default=4, type=int, help="number of feature levels")
     parser.add_argument("--pretrained_backbone_path", default=DEFAULT_PRETRAINED_BACKBONE_PATH, type=str,
                         help="ImageNet weights of the backbone: the official Swin file for Swin backbones; for "
-                             "ResNet, a torchvision state dict (when not given, torchvision's weights are used)")
+                             "ResNet, a torchvision state dict (when not given, torchvision's weights are used); "
+                             "for ViT, an MAE pre-trained file (MAE's release or timm's)")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="train the backbone from random initialisation instead of ImageNet weights (a ResNet "
                              "then trains all its stages with ordinary BatchNorm; pass it at evaluation too)")
     parser.add_argument("--drop_path_rate", default=0.2, type=float)
+
+    # ViT backbones (vit_base, vit_large: MAE pre-training)
+    parser.add_argument("--lr_layer_decay", "--lr_backbone_decay_rate", dest="lr_layer_decay", default=1.0,
+                        type=float, help="layer-wise learning-rate decay of a ViT backbone: block i of N trains at "
+                        "--lr_backbone * decay ** (N - i), the embeddings at decay ** (N + 1), the feature pyramid "
+                        "at --lr_backbone (1.0: off; --lr_backbone_decay_rate is the ViT fork's name)")
+    parser.add_argument("--wd_backbone", default=None, type=float,
+                        help="weight decay of the backbone parameters (default: --weight_decay); a ViT's position "
+                             "embedding gets none")
+    parser.add_argument("--lsj", nargs="?", const=1024, default=None, type=int, metavar="SIZE",
+                        help="large-scale jitter at training instead of the multi-scale resize: resize to fit a "
+                             "random 0.1-2.0 of SIZE x SIZE (default 1024), random SIZE x SIZE crop, batches padded "
+                             "to SIZE x SIZE (the padding masked)")
 
     # transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="number of encoder layers")
@@ -122,6 +142,10 @@ def get_args_parser():
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint")
+    parser.add_argument("--finetune", default="",
+                        help="start a new training run from the weights of this checkpoint (file or URL): every "
+                             "tensor is loaded except classification heads of another number of classes, which "
+                             "start fresh; the optimizer, schedule and epochs start anew")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--cache_mode", default=False, action="store_true",
@@ -135,16 +159,33 @@ def get_args_parser():
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
     parser.add_argument("--use_checkpoint", default=False, action="store_true",
-                        help="gradient checkpointing: recompute the transformer's encoder and decoder layers in "
-                             "backward to save memory (Swin backbones checkpoint their blocks by default, as "
-                             "upstream; see --no_backbone_checkpoint)")
+                        help="gradient checkpointing: recompute the transformer's encoder and decoder layers (and "
+                             "a ViT backbone's blocks) in backward to save memory (Swin backbones checkpoint their "
+                             "blocks by default, as upstream; see --no_backbone_checkpoint)")
     parser.add_argument("--no_backbone_checkpoint", dest="backbone_checkpoint", action="store_false",
                         help="do not checkpoint the Swin backbone's blocks (faster, more memory; upstream always "
                              "checkpoints them); ignored with --use_checkpoint")
 
     # logging
     parser.add_argument("--use_wandb", action="store_true", default=False)
-    parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    parser.add_argument("--print_freq", default=10, type=int,
+                        help="iterations between progress lines (and lines of <output_dir>/log_iterations.txt)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log to TensorBoard, in <output_dir>/tensorboard (needs the tensorboard package)")
+
+    # checkpoints, preemption and weight averaging
+    parser.add_argument("--save_every_iters", default=None, type=int,
+                        help="also write checkpoint.pth every N iterations (an exact resume point mid-epoch)")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="resume from <output_dir>/checkpoint.pth when it exists (else from the newest per-epoch "
+                             "copy that loads): what a requeued job needs")
+    parser.add_argument("--keep_checkpoints", default=None, type=int,
+                        help="keep only the last K per-epoch copies checkpointNNNN.pth (default: all, as upstream)")
+    parser.add_argument("--model_ema", action="store_true",
+                        help="keep an exponential moving average of the weights, evaluated instead of them and "
+                             "saved in the checkpoint under 'model_ema'")
+    parser.add_argument("--model_ema_decay", default=0.9997, type=float,
+                        help="the average's decay, reached after a warm-up (timm's: 1 - (1 + step) ** -2/3)")
 
     ignored = parser.add_argument_group(
         "accepted for compatibility with upstream's command lines and ignored",
@@ -156,21 +197,13 @@ def get_args_parser():
     return parser
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-def epoch_seed(seed, epoch, rank):
-    """A seed of its own for every (epoch, rank): a resumed run draws the same samples and augmentations."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
 def check_device(args):
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device} was asked for but CUDA is not available here; "
                            "pass --device cpu to run on the CPU")
+    index = torch.device(args.device).index
+    if str(args.device).startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPUs")
     if args.use_fp16 and not str(args.device).startswith("cuda"):
         raise ValueError("--use_fp16 needs a CUDA device")
 
@@ -179,46 +212,69 @@ def resolve_num_classes(args):
     """--num_classes, else the largest category id of the annotation file in use + 1 (91 for COCO)."""
     if args.num_classes is None and args.dataset_file == "coco":
         split = "train" if not args.eval or args.eval_in_training_set else "val"
-        args.num_classes = num_classes_from_annotations(Path(args.coco_path) / COCO_SPLITS[split][1])
+        args.num_classes = num_classes_from_annotations(dataset_root(args) / COCO_SPLITS[split][1])
 
 
 def make_loaders(args, dataset_train, dataset_val):
+    """(the training batch sampler, its loader, the evaluation loader). Training batches come from a
+    ResumableBatchSampler (order and augmentations a function of the seed, the epoch and the sample)."""
     pin = str(args.device).startswith("cuda")
     if args.distributed:
         sampler_cls = samplers.NodeDistributedSampler if args.cache_mode else samplers.DistributedSampler
-        sampler_train = sampler_cls(dataset_train) if dataset_train is not None else None
         sampler_val = sampler_cls(dataset_val, shuffle=False)
     else:
-        sampler_train = torch.utils.data.RandomSampler(dataset_train) if dataset_train is not None else None
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    loader_train = None
+    batch_sampler = loader_train = None
     if dataset_train is not None:
         if len(dataset_train) < args.batch_size * utils.get_world_size():
             raise ValueError(f"the training set has {len(dataset_train)} images, fewer than one batch "
                              f"({args.batch_size} per process x {utils.get_world_size()} processes)")
-        batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
-        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
-                                  num_workers=args.num_workers, pin_memory=pin)
+        shares = sampler_cls(dataset_train) if args.distributed else None
+        batch_sampler = samplers.ResumableBatchSampler(len(dataset_train), args.batch_size, args.seed, shares)
+        # large-scale jitter: batches padded to a fixed --lsj x --lsj (masked), as ViTDet
+        collate = functools.partial(utils.collate_fn, pad_to=args.lsj) if args.lsj else utils.collate_fn
+        # the loader's own generator: starting an epoch's iterator draws nothing from the global random state
+        loader_train = DataLoader(samplers.SeededSamples(dataset_train), batch_sampler=batch_sampler,
+                                  collate_fn=collate, num_workers=args.num_workers, pin_memory=pin,
+                                  generator=torch.Generator().manual_seed(args.seed))
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
-    return sampler_train, loader_train, loader_val
+    return batch_sampler, loader_train, loader_val
 
 
 def match_name_keywords(name, keywords):
     return any(k in name for k in keywords)
 
 
+def backbone_param_groups(args, model, named):
+    """The backbone's group (--lr_backbone, --wd_backbone); for a ViT one group per layer, the learning rate
+    decayed layer-wise by --lr_layer_decay (models.vit.layer_decay_param_groups)."""
+    weight_decay = args.weight_decay if args.wd_backbone is None else args.wd_backbone
+    if not args.lr_layer_decay > 0:
+        raise ValueError(f"--lr_layer_decay must be positive, not {args.lr_layer_decay}")
+    if isinstance(model.backbone[0], ViTBackbone):
+        return layer_decay_param_groups(named, len(model.backbone[0].body.net.blocks), args.lr_backbone,
+                                        args.lr_layer_decay, weight_decay)
+    if args.lr_layer_decay != 1.0:
+        raise ValueError(f"--lr_layer_decay {args.lr_layer_decay} applies to ViT backbones only, not --backbone "
+                         f"{args.backbone}")
+    group = {"params": [p for _, p in named], "lr": args.lr_backbone}
+    if args.wd_backbone is not None:
+        group["weight_decay"] = args.wd_backbone
+    return [group]
+
+
 def build_optimizer(args, model):
-    """AdamW (or SGD) with three groups: backbone (--lr_backbone), linear projections
-    (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
+    """AdamW (or SGD) with three kinds of groups: backbone (--lr_backbone; one group per layer of a ViT), linear
+    projections (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
+    backbone = [(n, p) for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
     linear_proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]
     rest = [p for n, p in named if not match_name_keywords(n, args.lr_backbone_names)
             and not match_name_keywords(n, args.lr_linear_proj_names)]
     param_groups = [
         {"params": rest, "lr": args.lr},
-        {"params": backbone, "lr": args.lr_backbone},
+        *backbone_param_groups(args, model, backbone),
         {"params": linear_proj, "lr": args.lr * args.lr_linear_proj_mult},
     ]
     if args.sgd:
@@ -234,53 +290,58 @@ def build_optimizer(args, model):
     return optimizer, scheduler
 
 
-def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
-    """Restore optimizer, scheduler and epoch; the learning rates and lr drops of this command line win, as
-    upstream (so a resumed run can change its schedule)."""
-    # this run's learning rates, and its choice of the fused AdamW kernel (a checkpoint's param groups carry theirs)
-    fresh_groups = [{k: g[k] for k in ("lr", "initial_lr", "fused") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, fresh in zip(optimizer.param_groups, fresh_groups):
-        group.update(fresh)
-    scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
-        scheduler.step_size = args.lr_drop
-        drops = scheduler.last_epoch // scheduler.step_size
-    else:
-        scheduler.milestones = type(scheduler.milestones)(args.lr_drop_epochs)
-        drops = sum(1 for m in args.lr_drop_epochs if m <= scheduler.last_epoch)
-    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base_lr * scheduler.gamma ** drops
-    if "scaler" in checkpoint and scaler is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
-    args.start_epoch = checkpoint["epoch"] + 1
+def resume_checkpoint(args, output_dir):
+    """(source, checkpoint) to resume from: --resume, else with --auto_resume the run's own checkpoint.pth (or its
+    newest per-epoch copy that loads); (None, None) to start afresh."""
+    if args.resume:
+        return args.resume, load_checkpoint(args.resume)
+    if args.auto_resume:
+        path, checkpoint = find_resume_checkpoint(output_dir)
+        if path is None:
+            print(f"--auto_resume: no checkpoint in {output_dir} yet, starting a new run", flush=True)
+            return None, None
+        at = checkpoint.get("in_epoch", {"epoch": checkpoint.get("epoch", -1) + 1, "iteration": 0})
+        print(f"--auto_resume: resuming from {path} (epoch {at['epoch']}, iteration {at['iteration']})", flush=True)
+        args.resume = str(path)
+        return str(path), checkpoint
+    return None, None
 
 
-def save_epoch(args, output_dir, epoch, model, optimizer, scheduler, scaler):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": args}
-    if args.use_fp16:
-        state["scaler"] = scaler.state_dict()
-    for path in (output_dir / "checkpoint.pth", output_dir / f"checkpoint{epoch:04}.pth"):
-        save_checkpoint(state, path)
-
-
-def print_ap(stats):
-    ap = stats["coco_eval_bbox"]
-    print(f"bbox AP {ap[0]:.4f}  AP50 {ap[1]:.4f}  AP75 {ap[2]:.4f}  APs {ap[3]:.4f}  APm {ap[4]:.4f}  "
-          f"APl {ap[5]:.4f}", flush=True)
+def load_weights(args, model, source, checkpoint):
+    """The model's starting weights: a checkpoint's (its average with --eval when it has one), --finetune's, or
+    the ImageNet backbone's."""
+    if checkpoint is not None:
+        weights, averaged = evaluation_weights(checkpoint) if args.eval else (checkpoint, False)
+        load_model_state(model, weights, source, args)
+        print(f"evaluating the weight average (model_ema) of {source}" if averaged else f"loaded the model of {source}")
+    elif args.finetune:
+        fresh = load_finetune_state(model, load_checkpoint(args.finetune), args.finetune)
+        print(f"fine-tuning from {args.finetune}" + (f"; new classification heads ({len(fresh)} tensors: "
+                                                     f"{', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})"
+                                                     if fresh else ""))
+    elif not args.eval and args.pretrained_backbone:
+        load_pretrained_backbone(model, args)
 
 
 def main(args):
+    check_args(args)
     utils.init_distributed_mode(args)
     check_device(args)
     print(args)
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} exists and is not a directory")
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_temporaries(output_dir):
+            print(f"removed {path}, left by an interrupted save")
+    if args.tensorboard and not args.eval:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     if args.use_wandb and utils.is_main_process():
         import wandb
 
@@ -290,32 +351,19 @@ def main(args):
     resolve_num_classes(args)
     dataset_train = None if args.eval else build_dataset("train", args)
     dataset_val = build_dataset("val", args)
-    sampler_train, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
+    batch_sampler, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
 
     model, criterion, postprocessors = build_model(args)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        load_model_state(model, checkpoint, args.resume, args)
-        print(f"loaded the model of {args.resume}")
-    elif not args.eval and args.pretrained_backbone:
-        load_pretrained_backbone(model, args)
+    source, checkpoint = resume_checkpoint(args, output_dir)
+    load_weights(args, model, source, checkpoint)
     model.to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("number of params:", n_parameters)
-
-    optimizer, scheduler = build_optimizer(args, model_without_ddp)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16)
-    if checkpoint is not None and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler",
-                                                                                 "epoch")):
-        resume_training_state(args, checkpoint, optimizer, scheduler, scaler)
-        print(f"resuming at epoch {args.start_epoch}")
-    del checkpoint
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
                                                           else None)
-        model_without_ddp = model.module
 
     if args.eval:
         stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
@@ -325,34 +373,18 @@ def main(args):
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
         return stats
 
+    optimizer, scheduler = build_optimizer(args, model_without_ddp)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16)
+    ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
+    run = TrainingRun(args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
+                      loader_train, loader_val, base_ds, device, ema=ema, n_parameters=n_parameters)
+    if checkpoint is not None and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        run.resume(checkpoint, source)
+    del checkpoint
+
     print("Start training")
     start_time = time.time()
-    stats = None
-    for epoch in range(args.start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, utils.get_rank()))
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, use_wandb=args.use_wandb, use_fp16=args.use_fp16,
-                                      scaler=scaler, print_freq=args.print_freq)
-        scheduler.step()
-        if output_dir is not None:
-            save_epoch(args, output_dir, epoch, model_without_ddp, optimizer, scheduler, scaler)
-
-        stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                         args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq)
-        print_ap(stats)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters}
-        if output_dir is not None and utils.is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            (output_dir / "eval").mkdir(exist_ok=True)
-            names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
-            for name in names:
-                save_checkpoint(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
-
+    stats = run.run()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
     return stats
@@ -360,4 +392,12 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Deformable DETR training and evaluation script", parents=[get_args_parser()])
-    main(parser.parse_args())
+    parsed = parser.parse_args()
+    problems = argument_problems(parsed)
+    if problems:
+        parser.error("; ".join(problems))
+    try:
+        main(parsed)
+    except Preempted as stopped:
+        print(stopped, flush=True)
+        sys.exit(128 + stopped.signum)  # the shell's convention for "ended by this signal"

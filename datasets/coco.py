@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from util.misc import get_local_rank, get_local_size
 
 from .transforms import make_coco_transforms
 
+# the classifier size build_model uses without --num_classes (COCO's largest category id + 1)
+DEFAULT_NUM_CLASSES = 91
 # split name -> (image folder, annotation file), relative to the dataset root
 COCO_SPLITS = {
     "train": ("train2017", Path("annotations") / "instances_train2017.json"),
@@ -20,13 +23,20 @@ COCO_SPLITS = {
 }
 
 
+def _annotation_error(ann_file, error):
+    return ValueError(f"cannot read the COCO annotations {ann_file}: {type(error).__name__}: {error}")
+
+
 def load_coco_api(ann_file):
-    """pycocotools COCO object of ``ann_file``, without its progress prints."""
+    """pycocotools COCO object of ``ann_file``, without its progress prints; a malformed file names itself."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(ann_file))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as error:  # bad JSON, or not COCO
+        raise _annotation_error(ann_file, error) from error
 
 
 def num_classes_from_annotations(ann_file):
@@ -34,11 +44,15 @@ def num_classes_from_annotations(ann_file):
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    with open(ann_file) as f:
-        categories = json.load(f).get("categories", [])
-    if not categories:
+    try:
+        with open(ann_file) as f:
+            categories = json.load(f).get("categories", [])
+        ids = [int(c["id"]) for c in categories]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _annotation_error(ann_file, error) from error
+    if not ids:
         raise ValueError(f"{ann_file} lists no categories")
-    return max(int(c["id"]) for c in categories) + 1
+    return max(ids) + 1
 
 
 def category_names(coco_path):
@@ -84,12 +98,17 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, img_folder, ann_file, transforms=None, cache_mode=False,
-                 local_rank=0, local_size=1):
+                 local_rank=0, local_size=1, num_classes=None):
         self.img_folder = Path(img_folder)
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.img_folder}")
         self.coco = load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs.keys())
+        if not self.ids:
+            raise ValueError(f"{ann_file} lists no images")
+        self._check_image_files(ann_file)
+        if num_classes is not None:
+            self._check_labels(ann_file, num_classes)
         self.transforms = transforms
         self.cache_mode = cache_mode
         self.local_rank = local_rank
@@ -100,6 +119,24 @@ class CocoDetection(Dataset):
 
     def _image_path(self, image_id):
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
+
+    def _check_image_files(self, ann_file):
+        """Every listed image exists (found now, not when the loader reaches it an epoch later)."""
+        present = {entry.name for entry in os.scandir(self.img_folder)}  # one listing, cheap even for 118k files
+        missing = [name for name in (self.coco.imgs[i]["file_name"] for i in self.ids)
+                   if name not in present and not (self.img_folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(self.ids)} images listed in {ann_file} are not in "
+                                    f"{self.img_folder}, e.g. {', '.join(missing[:5])}")
+
+    def _check_labels(self, ann_file, num_classes):
+        """Every annotation's category id is an output of the classifier (0 .. num_classes - 1)."""
+        bad = [a for a in self.coco.anns.values() if not 0 <= a["category_id"] < num_classes]
+        if bad:
+            ids = sorted({a["category_id"] for a in bad})
+            raise ValueError(f"{ann_file}: {len(bad)} annotations have category ids outside the classifier's "
+                             f"{num_classes} outputs (--num_classes {num_classes}): {ids[:10]} (e.g. annotation "
+                             f"{bad[0]['id']}); pass --num_classes {max(ids) + 1} or fix the file")
 
     def _fill_cache(self):
         for index, image_id in enumerate(self.ids):
@@ -133,14 +170,22 @@ def transform_options(args):
         "max_size": getattr(args, "max_size", None),
         "val_size": getattr(args, "val_scale", None),
         "crop": not getattr(args, "no_crop_augment", False),
+        "lsj": getattr(args, "lsj", None),
     }
+
+
+def dataset_root(args):
+    """--coco_path as a Path; not a directory is an error saying which way."""
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"COCO path {'is a file, not a directory' if root.exists() else 'does not exist'}: "
+                                f"{root}")
+    return root
 
 
 def build(image_set, args):
     """COCO split ``image_set`` under ``args.coco_path``; ``args.eval_in_training_set`` evaluates on train."""
-    root = Path(args.coco_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"COCO path does not exist: {root}")
+    root = dataset_root(args)
     if image_set not in COCO_SPLITS:
         raise ValueError(f"unknown image_set {image_set!r}: expected one of {sorted(COCO_SPLITS)}")
     split = image_set
@@ -150,4 +195,5 @@ def build(image_set, args):
     transforms = make_coco_transforms(image_set, **transform_options(args))
     return CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
                          cache_mode=getattr(args, "cache_mode", False),
-                         local_rank=get_local_rank(), local_size=get_local_size())
+                         local_rank=get_local_rank(), local_size=get_local_size(),
+                         num_classes=getattr(args, "num_classes", None) or DEFAULT_NUM_CLASSES)

@@ -90,11 +90,13 @@ class CocoEvaluator:
                 coco_eval.evaluate()
                 coco_eval.accumulate()
 
-    def summarize(self):
-        """Print the standard COCO table for each iou type (and fill ``coco_eval[t].stats``)."""
+    def summarize(self, table=True):
+        """Fill ``coco_eval[t].stats`` for each iou type, printing the standard COCO table unless ``table`` is
+        False."""
         for iou_type, coco_eval in self.coco_eval.items():
-            print(f"IoU metric: {iou_type}")
-            coco_eval.summarize()
+            with contextlib.nullcontext() if table else contextlib.redirect_stdout(io.StringIO()):
+                print(f"IoU metric: {iou_type}")
+                coco_eval.summarize()
 
     def stats(self, iou_type="bbox"):
         """The 12 summary numbers of ``iou_type`` as a float array (after ``summarize``)."""

@@ -1,8 +1,11 @@
-"""Distributed samplers: an epoch-seeded shuffled split of the dataset over processes."""
+"""Samplers: an epoch-seeded shuffled split of the dataset over processes, and the resumable training batches
+(order and augmentations a function of the seed, the epoch and the sample, so a run can continue mid-epoch)."""
 import math
+import random
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from util.misc import get_local_rank, get_local_size, get_rank, get_world_size
 
@@ -78,3 +81,81 @@ class NodeDistributedSampler(DistributedSampler):
             indices = self._ordered_indices()
         indices = _pad_to(indices, self.total_size_per_local_rank)
         return iter(indices[self.node::self.num_nodes])
+
+
+# seed streams of their own (the spawn keys), apart from main.epoch_seed's
+SAMPLE_STREAM, ORDER_STREAM = 1, 2
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of one sample's random augmentations in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index], spawn_key=(SAMPLE_STREAM,)).generate_state(1)[0])
+
+
+def order_seed(seed, epoch):
+    """The seed of one epoch's (single-process) sample order."""
+    return int(np.random.SeedSequence([seed, epoch], spawn_key=(ORDER_STREAM,)).generate_state(1)[0])
+
+
+class ResumableBatchSampler(Sampler):
+    """The training batches of one epoch (full batches only), each sample paired with its augmentation seed:
+    batches of (index, seed) for SeededSamples.
+
+    The order is `sampler`'s for the epoch set by set_epoch (a DistributedSampler's share), or, with no sampler, a
+    permutation of the dataset seeded with (seed, epoch). set_epoch(epoch, start) skips the first `start` batches
+    without reading them: the rest are exactly those of an uninterrupted epoch. len() counts every batch.
+    """
+
+    def __init__(self, num_samples, batch_size, seed, sampler=None):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.sampler = sampler
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch = epoch
+        self.start = start
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def _order(self):
+        if self.sampler is not None:
+            return list(self.sampler)
+        generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        for first in range(self.start * self.batch_size, len(order) - self.batch_size + 1, self.batch_size):
+            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in order[first:first + self.batch_size]]
+
+    def __len__(self):
+        total = len(self.sampler) if self.sampler is not None else self.num_samples
+        return total // self.batch_size
+
+
+class SeededSamples(Dataset):
+    """`dataset` read with (index, seed) keys: the sample's random augmentations are drawn from its own seed
+    (python's random and torch's CPU generator), whatever was read before; the callers' random states are left
+    as they were."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)

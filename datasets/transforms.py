@@ -110,6 +110,37 @@ class RandomSizeCrop:
         return crop(image, target, (top, left, crop_h, crop_w))
 
 
+class ResizeScale:
+    """Large-scale jitter's resize: fit the image, aspect ratio kept, into size x size times a random scale drawn
+    in [min_scale, max_scale] (detectron2's ResizeScale)."""
+
+    def __init__(self, size, min_scale=0.1, max_scale=2.0):
+        self.size = size
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+
+    def __call__(self, image, target):
+        scale = random.uniform(self.min_scale, self.max_scale)
+        img_w, img_h = image.size
+        factor = scale * self.size / max(img_w, img_h)
+        return resize(image, target, (max(1, round(img_h * factor)), max(1, round(img_w * factor))))
+
+
+class FixedSizeCrop:
+    """A random size x size crop (a side already shorter is kept whole); the batch padding, masked, fills up the
+    rest (see make_coco_transforms)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image, target):
+        img_w, img_h = image.size
+        crop_w, crop_h = min(img_w, self.size), min(img_h, self.size)
+        top = random.randint(0, img_h - crop_h)
+        left = random.randint(0, img_w - crop_w)
+        return crop(image, target, (top, left, crop_h, crop_w))
+
+
 class RandomSelect:
     """Apply ``first`` with probability ``p``, otherwise ``second``."""
 
@@ -169,7 +200,7 @@ def eval_resize(scales=None, max_size=None, val_size=None):
     return val_size or max(scales or UPSTREAM_TRAIN_SCALES), max_size or UPSTREAM_MAX_SIZE
 
 
-def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, crop=True):
+def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, crop=True, lsj=None):
     """Upstream's augmentation recipe, with sizes that can be scaled down for small images.
 
     scales:   shorter-side sizes drawn at training (default upstream's 480..800 step 32).
@@ -177,11 +208,19 @@ def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, c
     val_size: shorter side at evaluation (default the largest training scale, 800 upstream).
     crop:     whether training may take the resize-crop-resize branch. Its sizes are upstream's
               ([400, 500, 600] then a 384..600 crop for scales up to 800) scaled by max(scales) / 800.
+    lsj:      a size S for large-scale jitter at training instead (ViTDet's recipe): flip, resize to fit a random
+              0.1-2.0 of S x S, random S x S crop; the loader pads the batch to S x S (utils.collate_fn with
+              pad_to), the padding masked as any batch padding. Evaluation is unchanged.
     """
+    if lsj is not None and (scales or not crop):
+        raise ValueError("--lsj replaces the multi-scale training resize and crop: drop --train_scales and "
+                         "--no_crop_augment (--val_scale and --max_size still set the evaluation size)")
     scales = list(scales) if scales else list(UPSTREAM_TRAIN_SCALES)
     val_size, max_size = eval_resize(scales, max_size, val_size)
     normalize = Compose([ToTensor(), Normalize()])
 
+    if image_set == "train" and lsj is not None:
+        return Compose([RandomHorizontalFlip(), ResizeScale(lsj, 0.1, 2.0), FixedSizeCrop(lsj), normalize])
     if image_set == "train":
         resize_only = RandomResize(scales, max_size=max_size)
         if crop:

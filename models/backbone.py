@@ -1,4 +1,4 @@
-"""Backbones (torchvision ResNet with frozen BatchNorm, Swin Transformer) joined with the position encoding."""
+"""Backbones (torchvision ResNet with frozen BatchNorm, Swin Transformer, MAE ViT) joined with the position encoding."""
 import os
 from collections import OrderedDict
 from typing import Dict, List
@@ -11,7 +11,9 @@ from torchvision.ops import FrozenBatchNorm2d
 from mmcv_custom import load_checkpoint as load_swin_checkpoint
 from util.misc import NestedTensor, downsample_mask
 
+from .mae_checkpoint import load_mae_checkpoint
 from .position_encoding import build_position_encoding
+from .vit import SIZE_DIVISIBILITY, VIT_SIZES, build_vit_backbone
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 SWINS = ("swin_tiny", "swin_small", "swin_large", "swin_large_window12")
@@ -107,6 +109,36 @@ class TransformerBackbone(BackboneBase):
         self.name = name
 
 
+def _pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
+    """Zero-pad the images [B, 3, H, W] at the bottom/right to multiples of `multiple`, the mask marking the pad."""
+    pad_h, pad_w = (-samples.tensors.shape[-2]) % multiple, (-samples.tensors.shape[-1]) % multiple
+    if not pad_h and not pad_w:
+        return samples
+    tensors = torch.nn.functional.pad(samples.tensors, (0, pad_w, 0, pad_h))
+    return NestedTensor(tensors, torch.nn.functional.pad(samples.mask, (0, pad_w, 0, pad_h), value=True))
+
+
+class ViTBackbone(BackboneBase):
+    """Plain ViT (MAE pre-training) with a simple feature pyramid: the last num_outputs of strides 8/16/32.
+
+    The batch is first padded to a multiple of 32 (zeros, marked in the mask), so every level's grid is exact.
+    As in ViTDet, the ViT attends over padded tokens too; the deformable transformer masks them out.
+    """
+
+    def __init__(self, name: str, train_backbone: bool, num_outputs: int, drop_path_rate: float,
+                 use_checkpoint: bool = False):
+        super().__init__()
+        self.body = build_vit_backbone(name, num_outputs, drop_path_rate, use_checkpoint)
+        for param in self.body.parameters():
+            param.requires_grad_(train_backbone)
+        self.num_channels = list(self.body.num_channels)
+        self.strides = list(self.body.strides)
+        self.name = name
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        return super().forward(_pad_to_multiple(tensor_list, SIZE_DIVISIBILITY))
+
+
 class Joiner(nn.Sequential):
     """backbone.0 = the backbone, backbone.1 = the position encoding; returns (features, positions) per level."""
 
@@ -130,13 +162,18 @@ def build_backbone(args):
     if args.backbone in RESNETS:
         backbone = Backbone(args.backbone, train_backbone, num_outputs, args.dilation,
                             from_scratch=not getattr(args, "pretrained_backbone", True))
-    elif args.backbone in SWINS:
+    elif args.backbone in SWINS or args.backbone in VIT_SIZES:
         if args.dilation:
             raise ValueError("--dilation applies to ResNet backbones only")
-        use_checkpoint = args.use_checkpoint or getattr(args, "backbone_checkpoint", True)
-        backbone = TransformerBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate, use_checkpoint)
+        if args.backbone in SWINS:
+            use_checkpoint = args.use_checkpoint or getattr(args, "backbone_checkpoint", True)
+            backbone = TransformerBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate,
+                                           use_checkpoint)
+        else:  # ViT blocks are checkpointed with --use_checkpoint only, as the fork
+            backbone = ViTBackbone(args.backbone, train_backbone, num_outputs, args.drop_path_rate,
+                                   args.use_checkpoint)
     else:
-        raise ValueError(f"unknown --backbone {args.backbone!r}; choose one of {RESNETS + SWINS}")
+        raise ValueError(f"unknown --backbone {args.backbone!r}; choose one of {RESNETS + SWINS + tuple(VIT_SIZES)}")
     return Joiner(backbone, position_embedding)
 
 
@@ -181,14 +218,20 @@ def _load_resnet_weights(body: ResNetBody, name: str, path):
 
 
 def load_pretrained_backbone(model, args):
-    """Load ImageNet weights into model.backbone[0] (called when training starts without --resume)."""
+    """Load pre-trained weights (ImageNet; MAE for a ViT) into model.backbone[0] (called when training starts
+    without --resume)."""
     backbone = model.backbone[0]
     if isinstance(backbone, Backbone):
         _load_resnet_weights(backbone.body, backbone.name, _explicit_resnet_weights(args))
     else:
+        vit = isinstance(backbone, ViTBackbone)
         path = args.pretrained_backbone_path
         if not path or not os.path.isfile(path):
+            wanted = "an MAE pre-trained ViT file" if vit else "the official Swin ImageNet file"
             raise FileNotFoundError(
-                f"--pretrained_backbone_path {path!r} does not exist: {backbone.name} needs the official Swin "
-                "ImageNet file to start training (or pass --no_pretrained_backbone)")
-        load_swin_checkpoint(backbone.body, path, strict=False)
+                f"--pretrained_backbone_path {path!r} does not exist: {backbone.name} needs {wanted} to start "
+                "training (or pass --no_pretrained_backbone)")
+        if vit:
+            load_mae_checkpoint(backbone.body.net, path, name=backbone.name)
+        else:
+            load_swin_checkpoint(backbone.body, path, strict=False)

@@ -8,6 +8,7 @@ import engine
 import main
 from models import build_model
 from models.criterion import weighted_losses
+from models.vit import VIT_SIZES, ViTSize
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -17,6 +18,20 @@ SMALL = ["--device", "cpu", "--enc_layers", "1", "--dec_layers", "2", "--hidden_
          "--dim_feedforward", "64", "--dropout", "0.0", "--num_queries_one2one", "10",
          "--num_queries_one2many", "20", "--k_one2many", "2", "--enc_n_points", "2", "--dec_n_points", "2"]
 TWO_STAGE_HYBRID = ["--with_box_refine", "--two_stage", "--mixed_selection", "--look_forward_twice"]
+
+# a tiny ViT for tests only (not a user-facing --backbone): patch 16 as the real ones, 4 blocks (1 and 3 global),
+# windows of 3 tokens, a 4 x 4 pre-training grid, global relative position tables for a 6 x 6 grid
+TINY_VIT = "vit_tiny_test"
+TINY_VIT_SIZE = ViTSize(embed_dim=32, depth=4, num_heads=2, global_blocks=(1, 3), window_size=3,
+                        pretrain_img_size=64, img_size=96, pyramid_channels=32)
+
+
+def register_tiny_vit(monkeypatch=None):
+    """Make --backbone vit_tiny_test known (for the test's duration when given pytest's monkeypatch)."""
+    if monkeypatch is not None:
+        monkeypatch.setitem(VIT_SIZES, TINY_VIT, TINY_VIT_SIZE)
+    else:
+        VIT_SIZES[TINY_VIT] = TINY_VIT_SIZE
 
 
 def parse(flags):

@@ -25,7 +25,10 @@ REFERENCE = REPO.parent / "shared" / "reference" / "configs.json"
 UPSTREAM_ROOTS = ("one_stage", "two_stage")  # configs of our own live elsewhere under configs/
 
 ALL_SCRIPTS = sorted(CONFIGS.rglob("*.sh"))
-UPSTREAM_SCRIPTS = [p for p in ALL_SCRIPTS if p.relative_to(CONFIGS).parts[0] in UPSTREAM_ROOTS]
+# the ViT fork's configs (kxqt/H-Deformable-DETR) sit beside upstream's Swin ones, in vit/ folders
+VIT_SCRIPTS = [p for p in ALL_SCRIPTS if p.parent.name == "vit"]
+UPSTREAM_SCRIPTS = [p for p in ALL_SCRIPTS if p.relative_to(CONFIGS).parts[0] in UPSTREAM_ROOTS
+                    and p not in VIT_SCRIPTS]
 LR_DROP = {12: 11, 24: 20, 36: 30, 50: 40}
 
 
@@ -126,6 +129,49 @@ def test_name_matches_flags(path):
     assert args.with_box_refine == ("iterative_bbox_refinement" in name)
     assert args.num_feature_levels == (1 if "single_scale" in name else 4)
     assert args.dilation == ("dc5" in name)
+
+
+VIT_HYBRID = ("hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus"
+              "_two_stage")
+
+
+def test_vit_configs_present():
+    """The fork's ViT-B (12 epochs; 6, 2, 0 encoder layers) and ViT-L (12, 36 epochs) H-Deformable-DETR."""
+    expected = {f"12eps/vit/vit_base_{VIT_HYBRID}{s}" for s in ("", "_enc2", "_enc0")}
+    expected |= {f"{e}eps/vit/vit_large_{VIT_HYBRID}" for e in (12, 36)}
+    found = {p.relative_to(CONFIGS / "two_stage" / "deformable-detr-hybrid-branch").with_suffix("").as_posix()
+             for p in VIT_SCRIPTS}
+    assert found == expected
+
+
+@pytest.mark.parametrize("path", VIT_SCRIPTS, ids=rel)
+def test_vit_name_matches_flags(path):
+    """As the fork's scripts: the hybrid recipe of the name, --backbone and MAE file of the name, the fork's
+    (hard-coded there) drop path, the encoder depth of an _encN suffix, and the fork's backbone optimizer flags."""
+    name = path.stem
+    args = parse(read_config_script(path)[1])
+    default = parse([])
+    epochs = int(path.parts[-3][:-3])
+    assert args.epochs == epochs and args.lr_drop == LR_DROP[epochs]
+    assert (args.lambda_one2many, args.k_one2many, args.num_queries_one2many) == (1.0, 6, 1500)
+    assert args.num_queries_one2one == 300 and args.dropout == 0.0 and args.dim_feedforward == 2048
+    assert args.mixed_selection and args.look_forward_twice and args.two_stage and args.with_box_refine
+    assert args.num_feature_levels == 4 and args.use_checkpoint and args.lsj is None
+    size = re.match(r"vit_(base|large)_", name).group(1)
+    assert args.backbone == f"vit_{size}"
+    assert Path(args.pretrained_backbone_path).name == f"mae_pretrain_vit_{size}.pth"
+    assert args.drop_path_rate == {"base": 0.1, "large": 0.4}[size]
+    enc = re.search(r"_enc(\d+)$", name)
+    assert args.enc_layers == (int(enc.group(1)) if enc else default.enc_layers)
+    if size == "large":
+        backbone_optim = (1e-4, 0.8, 1e-4)
+    elif enc:
+        backbone_optim = (1e-4, 0.7, 0.1)
+    else:
+        backbone_optim = (default.lr_backbone, 1.0, None)
+    assert (args.lr_backbone, args.lr_layer_decay, args.wd_backbone) == backbone_optim
+    assert args.use_fp16 == (not enc)
+    assert args.weight_decay == default.weight_decay and args.lr == default.lr
 
 
 @pytest.mark.parametrize("path", ALL_SCRIPTS, ids=rel)

@@ -24,7 +24,9 @@ import model_helpers as H
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     runs = [(H.SMALL + H.TWO_STAGE_HYBRID + ["--backbone", "resnet18"], [(64, 96), (64, 64)]),
-            (H.SMALL + ["--backbone", "swin_tiny", "--with_box_refine"], [(64, 64), (64, 96)])]
+            (H.SMALL + ["--backbone", "swin_tiny", "--with_box_refine"], [(64, 64), (64, 96)]),
+            (H.SMALL + H.TWO_STAGE_HYBRID + ["--backbone", H.TINY_VIT, "--use_checkpoint"], [(70, 90), (64, 64)])]
+    H.register_tiny_vit()
     for flags, sizes in runs:
         model, criterion, post, args = H.build(flags)
         model.train()

@@ -30,13 +30,14 @@ from datasets import build_dataset  # noqa: E402
 from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
 from models import build_model  # noqa: E402
 from models.criterion import weighted_losses  # noqa: E402
-from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 
 def benchmark_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are main.py's (python main.py --help lists them).")
     parser.add_argument("--num_iters", type=int, default=300, help="timed iterations, warm-up included")
     parser.add_argument("--warm_iters", type=int, default=5, help="first iterations left out of the timing")
     parser.add_argument("--batch_size", type=int, default=None,
@@ -181,6 +182,8 @@ def main(argv=None):
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     if args.boxes < 0:
         raise ValueError(f"--boxes must be >= 0, got {args.boxes}")
+    if args.image_size and min(min(size) for size in args.image_size) <= 0:
+        raise ValueError(f"--image_size must be positive, got {args.image_size}")
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
@@ -203,7 +206,7 @@ def main(argv=None):
         images, targets = random_batch(args.image_size, batch_size, args.boxes, num_classes, device)
     model, criterion, _ = build_model(model_args)
     if args.resume:
-        load_model_state(model, load_checkpoint(args.resume), args.resume, model_args)
+        load_model_state(model, evaluation_weights(load_checkpoint(args.resume))[0], args.resume, model_args)
     model.to(device)
     shapes = ", ".join(sorted({"x".join(map(str, image.shape[1:])) for image in images}))
     where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")

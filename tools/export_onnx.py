@@ -30,7 +30,7 @@ from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.onnx_export import (CHECK_TOLERANCE, check_export, check_sizes, export_metadata, export_onnx,  # noqa: E402
                                 import_onnx_packages)
-from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
 
@@ -59,7 +59,10 @@ def model_from_checkpoint(args, rest):
     model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
     model_args.device = "cpu"  # the export traces on the CPU whatever the model was trained on
     model, _, postprocessors = build_model(model_args)
-    load_model_state(model, checkpoint, resume, model_args)
+    weights, averaged = evaluation_weights(checkpoint)
+    load_model_state(model, weights, resume, model_args)
+    if averaged:
+        print(f"exporting the weight average (model_ema) of {resume}")
     return model.eval(), postprocessors["bbox"], model_args
 
 
@@ -71,7 +74,8 @@ def main(argv=None):
     if not args.no_check:
         import_onnxruntime()
     model, postprocess, model_args = model_from_checkpoint(args, rest)
-    val_scale, max_size = eval_resize(**{k: v for k, v in transform_options(model_args).items() if k != "crop"})
+    options = transform_options(model_args)
+    val_scale, max_size = eval_resize(options["scales"], options["max_size"], options["val_size"])
     example_size = tuple(args.example_size or (val_scale, min(max_size, val_scale * 4 // 3)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

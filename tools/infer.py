@@ -15,7 +15,9 @@ imported. The resize, --topk and the category names are those written into the f
 """
 import argparse
 import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +30,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def infer_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are main.py's (python main.py --help lists them).")
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or directories of images")
     parser.add_argument("--out", required=True, help="output directory: detections.json and drawn images")
     parser.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
@@ -55,6 +58,21 @@ def image_paths(inputs):
     return paths
 
 
+def drawing_names(paths):
+    """A distinct file name for each image's drawing: <stem>_detections.jpg; where stems repeat (a/x.jpg and
+    b/x.jpg), the image's path below the images' common folder, separators and dots made underscores."""
+    stems = Counter(path.stem for path in paths)
+    common = Path(os.path.commonpath([str(path.resolve().parent) for path in paths]))
+    names, seen = [], Counter()
+    for path in paths:
+        base = path.stem
+        if stems[base] > 1:
+            base = "_".join(path.resolve().relative_to(common).parts).replace(".", "_")
+        seen[base] += 1
+        names.append(f"{base}{f'_{seen[base]}' if seen[base] > 1 else ''}_detections.jpg")
+    return names
+
+
 def format_detections(scores, labels, boxes, threshold):
     """[{"label", "score", "box"}] (xyxy pixels) of one image's top-k detections scoring at least `threshold`."""
     return [{"label": int(label), "score": round(float(score), 4), "box": [round(float(v), 1) for v in box]}
@@ -69,7 +87,7 @@ def checkpoint_detector(args, rest):
     from datasets.transforms import make_coco_transforms
     from main import check_device, get_args_parser
     from models import build_model
-    from util.checkpoint import load_checkpoint, load_model_state
+    from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
     from util.config_script import main_arguments
 
     resume = get_args_parser().parse_known_args(rest)[0].resume
@@ -80,7 +98,10 @@ def checkpoint_detector(args, rest):
     check_device(model_args)
     device = torch.device(model_args.device)
     model, _, postprocessors = build_model(model_args)
-    load_model_state(model, checkpoint, resume, model_args)
+    weights, averaged = evaluation_weights(checkpoint)
+    load_model_state(model, weights, resume, model_args)
+    if averaged:
+        print(f"using the weight average (model_ema) of {resume}")
     model.to(device).eval()
     transform = make_coco_transforms("val", **transform_options(model_args))
 
@@ -122,13 +143,15 @@ def draw(image, detections, names):
 
 def main(argv=None):
     args, rest = infer_args_parser().parse_known_args(argv)
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold is a score in [0, 1], got {args.threshold}")
     detect, names = onnx_detector(args, rest) if args.onnx else checkpoint_detector(args, rest)
     paths = image_paths(args.images)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, skipped = [], []
-    for path in paths:
+    for path, drawing in zip(paths, drawing_names(paths)):
         try:
             image = decode_image(read_bytes(path), path)
         except (OSError, RuntimeError) as err:
@@ -141,7 +164,8 @@ def main(argv=None):
                 det["name"] = names[det["label"]]
         results.append({"file": str(path), "width": image.width, "height": image.height, "detections": detections})
         if not args.no_draw:
-            draw(image, detections, names).save(out / f"{path.stem}_detections.jpg", quality=90)
+            draw(image, detections, names).save(out / drawing, quality=90)
+            results[-1]["drawing"] = drawing
         print(f"{path}: {len(detections)} detections")
     (out / "detections.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'detections.json'} ({len(results)} images" + (f", {len(skipped)} skipped)" if skipped

@@ -32,7 +32,13 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_train", "num_val"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
     knobs = {f.name: getattr(args, f.name) for f in fields(SyntheticConfig) if f.name not in _DEDICATED}
     cfg = SyntheticConfig(image_size=args.image_size, **knobs)
     wanted = generation_parameters(args.num_train, args.num_val, args.seed, cfg)
@@ -51,4 +57,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as err:  # a generator knob out of range, named by SyntheticConfig
+        sys.exit(f"make_synthetic_coco: {err}")

@@ -3,6 +3,12 @@
 #   [GPUS_PER_NODE=..] [CPUS_PER_TASK=..] [SRUN_ARGS=..] tools/run_dist_slurm.sh PARTITION JOB_NAME GPUS CONFIG [ARGS...]
 # Each task runs CONFIG; main.py turns SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODELIST into its rank,
 # world size, local device and master address (util/misc.py, init_distributed_mode).
+#
+# Preemptible / requeued jobs: pass --auto_resume (and e.g. --save_every_iters 1000) to the config, and let SLURM
+# signal the job before it ends it, e.g. SRUN_ARGS="--requeue --signal=TERM@120" (or sbatch --requeue
+# --signal=B:USR1@120 with a script that forwards the signal to this srun). On SIGTERM or SIGUSR1 every task
+# finishes its iteration, checkpoint.pth is saved and main.py exits with 128 + the signal's number; the requeued
+# job then continues from that iteration exactly.
 
 if [ $# -lt 4 ]; then
     echo "usage: $0 PARTITION JOB_NAME GPUS CONFIG [ARGS...]" >&2

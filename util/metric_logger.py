@@ -95,25 +95,40 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable, print_freq, header=""):
-        """Yield from iterable, printing progress every print_freq iterations and at the end."""
-        total = len(iterable)
+    def log_every(self, iterable, print_freq, header="", total=None, summary=None):
+        """Yield from iterable, printing one progress line every print_freq iterations and at the end: the header,
+        [i/total] (iterable may start later than 0, e.g. range(start, total) in a resumed epoch), the ETA,
+        summary(self) (default: every meter), seconds per iteration and the peak memory."""
+        items = list(iterable) if total is not None and not hasattr(iterable, "__len__") else iterable
+        total = len(items) if total is None else total
         digits = len(str(total))
         iter_time = SmoothedValue(fmt="{avg:.4f}")
-        data_time = SmoothedValue(fmt="{avg:.4f}")
         start = end = time.time()
-        for i, obj in enumerate(iterable):
-            data_time.update(time.time() - end)
+        done = 0
+        for i, obj in enumerate(items):
+            position = obj if isinstance(items, range) else i
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                rate = 1.0 / max(iter_time.avg, 1e-9)
+            done += 1
+            if position % print_freq == 0 or position == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - position - 1)))
+                text = summary(self) if summary is not None else str(self)
                 print(self.delimiter.join([
-                    f"{header} [{i:{digits}d}/{total}]", f"eta: {eta}", str(self),
-                    f"time: {iter_time}", f"data: {data_time}", f"it/s: {rate:.2f}",
-                    f"max mem: {_memory_mb():.0f} MB"]), flush=True)
+                    f"{header} [{position:{digits}d}/{total}]", f"eta {eta}", text,
+                    f"{iter_time.avg:.2f} s/it", f"mem {_memory_mb():.0f} MB"]), flush=True)
             end = time.time()
         total_time = time.time() - start
-        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-              f"({total_time / max(total, 1):.4f} s / it)", flush=True)
+        print(f"{header}: {done} iterations in {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(done, 1):.4f} s / it)", flush=True)
+
+    def state(self):
+        """Every meter's total, count and recent window (what a resumed epoch needs to go on averaging)."""
+        return {name: {"total": meter.total, "count": meter.count, "window": list(meter.deque)}
+                for name, meter in self.meters.items()}
+
+    def load_state(self, state):
+        for name, saved in state.items():
+            meter = self.meters[name]
+            meter.total, meter.count = saved["total"], saved["count"]
+            meter.deque.clear()
+            meter.deque.extend(saved["window"])

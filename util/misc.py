@@ -35,8 +35,9 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
-    """Pad [C, H, W] images to the largest H and W (bottom/right) and mark the padding in the mask."""
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[int] = None) -> NestedTensor:
+    """Pad [C, H, W] images to the largest H and W (bottom/right; at least pad_to x pad_to when given) and mark the
+    padding in the mask."""
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list: got an empty list of images")
     if any(t.dim() != 3 for t in tensor_list):
@@ -45,6 +46,8 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     channels = tensor_list[0].shape[0]
     max_h = max(t.shape[1] for t in tensor_list)
     max_w = max(t.shape[2] for t in tensor_list)
+    if pad_to is not None:
+        max_h, max_w = max(max_h, pad_to), max(max_w, pad_to)
     first = tensor_list[0]
     batch = first.new_zeros((len(tensor_list), channels, max_h, max_w))
     mask = torch.ones((len(tensor_list), max_h, max_w), dtype=torch.bool, device=first.device)
@@ -54,10 +57,10 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     return NestedTensor(batch, mask)
 
 
-def collate_fn(batch):
+def collate_fn(batch, pad_to=None):
     """DataLoader collate: (list of images, list of targets) -> (NestedTensor, tuple of targets)."""
     images, targets = tuple(zip(*batch))
-    return nested_tensor_from_tensor_list(list(images)), targets
+    return nested_tensor_from_tensor_list(list(images), pad_to), targets
 
 
 def downsample_mask(mask, size):

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+
+set -x
+
+EXP_DIR=exps/two_stage/deformable-detr-hybrid-branch/12eps/vit/vit_base_hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage_enc0
+PY_ARGS=${@:1}
+
+python -u main.py \
+    --output_dir ${EXP_DIR} \
+    --with_box_refine \
+    --two_stage \
+    --dim_feedforward 2048 \
+    --epochs 12 \
+    --lr_backbone 1e-4 \
+    --lr_layer_decay 0.7 \
+    --wd_backbone 0.1 \
+    --lr_drop 11 \
+    --num_queries_one2one 300 \
+    --num_queries_one2many 1500 \
+    --k_one2many 6 \
+    --lambda_one2many 1.0 \
+    --dropout 0.0 \
+    --enc_layers 0 \
+    --mixed_selection \
+    --look_forward_twice \
+    --backbone vit_base \
+    --drop_path_rate 0.1 \
+    --pretrained_backbone_path pretrained_backbone/mae_pretrain_vit_base.pth \
+    --use_checkpoint \
+    ${PY_ARGS}

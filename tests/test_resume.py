@@ -1,0 +1,304 @@
+"""Preemptible training: checkpoints mid-epoch and at every epoch end, exact resumes from any kill (iteration by
+iteration the losses of an uninterrupted run, and the same log.txt), SIGTERM / SIGUSR1, --auto_resume with a
+fallback, --keep_checkpoints, the weight average (--model_ema), the short console line, TensorBoard."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine
+import main as project_main
+from datasets.synthetic import make_synthetic_coco
+from util.checkpoint import load_checkpoint, save_checkpoint
+from util.training_state import ITERATION_LOG
+
+from model_helpers import ROOT
+from test_distributed import free_port, subprocess_env
+
+# dropout on, from-scratch BatchNorm: the random states and batch statistics must come back too
+TINY = [
+    "--device", "cpu", "--backbone", "resnet18", "--no_pretrained_backbone", "--lr_backbone", "1e-4",
+    "--num_feature_levels", "2", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
+    "--dim_feedforward", "64", "--dropout", "0.1", "--with_box_refine", "--two_stage", "--mixed_selection",
+    "--look_forward_twice", "--num_queries_one2one", "6", "--num_queries_one2many", "12", "--k_one2many", "2",
+    "--train_scales", "80", "96", "--val_scale", "96", "--max_size", "128", "--batch_size", "2",
+    "--num_workers", "0", "--print_freq", "1", "--epochs", "2",
+]
+ITERATIONS = 4  # 8 training images, batch 2
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root, num_train=8, num_val=2, image_size=96, seed=4)
+    return root
+
+
+def flags(coco, out, *extra):
+    return [*TINY, "--coco_path", str(coco), "--output_dir", str(out), *map(str, extra)]
+
+
+def train(coco, out, *extra):
+    return project_main.main(project_main.get_args_parser().parse_args(flags(coco, out, *extra)))
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(out):
+    """(epoch, iteration, loss) of every iteration."""
+    return [(e["epoch"], e["iteration"], e["loss"]) for e in lines(out / ITERATION_LOG)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(coco, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(coco, out)
+    return out
+
+
+def assert_same_run(out, reference):
+    """Iteration by iteration the same losses, and the same log.txt (train and test figures of every epoch)."""
+    assert losses(out) == losses(reference)
+    assert len(losses(out)) == 2 * ITERATIONS
+    ours, theirs = lines(out / "log.txt"), lines(reference / "log.txt")
+    assert [e["epoch"] for e in ours] == [0, 1]
+    assert ours == theirs
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0000.pth",
+                                                                    "checkpoint0001.pth"]
+
+
+class Killed(BaseException):
+    """Stands for a kill at a chosen point of the run (nothing after it runs)."""
+
+
+def test_resuming_a_mid_epoch_checkpoint_repeats_the_run(coco, uninterrupted, tmp_path, monkeypatch):
+    original = engine.TrainingRun.after_iteration
+
+    def dies_after_epoch_0_iteration_2(self, epoch, iteration, logger, scalars):
+        original(self, epoch, iteration, logger, scalars)
+        if (epoch, iteration) == (0, 2):
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.TrainingRun, "after_iteration", dies_after_epoch_0_iteration_2)
+        with pytest.raises(Killed):
+            train(coco, tmp_path, "--save_every_iters", 2)
+    saved = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert saved["epoch"] == -1 and (saved["in_epoch"]["epoch"], saved["in_epoch"]["iteration"]) == (0, 2)
+    assert len(losses(tmp_path)) == 3  # iteration 2 ran after the checkpoint: it is logged again on resume
+    train(coco, tmp_path, "--save_every_iters", 2, "--auto_resume")
+    assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("dies", ["before the per-epoch copy", "before the log line"])
+def test_a_kill_at_an_epoch_end_leaves_no_gap(coco, uninterrupted, tmp_path, monkeypatch, dies):
+    """Killed after epoch 0's checkpoint.pth but before its copy, or before its evaluation and log line: the
+    resumed run writes them, then goes on; the log has every epoch once."""
+    with monkeypatch.context() as patch:
+        if dies == "before the per-epoch copy":
+            original = engine.save_checkpoint
+
+            def save(obj, path):
+                if path.name == "checkpoint0000.pth":
+                    raise Killed
+                original(obj, path)
+
+            patch.setattr(engine, "save_checkpoint", save)
+        else:
+            patch.setattr(engine.TrainingRun, "evaluate_and_log", lambda *a: (_ for _ in ()).throw(Killed))
+        with pytest.raises(Killed):
+            train(coco, tmp_path)
+    assert not (tmp_path / "log.txt").exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 0
+    train(coco, tmp_path, "--auto_resume")
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def start(coco, out, *extra):
+    env = subprocess_env()
+    return subprocess.Popen([sys.executable, "main.py", *flags(coco, out, *extra)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_iterations(process, out, count, timeout=300):
+    log = out / ITERATION_LOG
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.02)
+    pytest.fail("the run did not get that far")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_subprocess(coco, tmp_path_factory):
+    """The same run in its own process, one thread (as the killed runs), for exact comparisons with them."""
+    out = tmp_path_factory.mktemp("uninterrupted_subprocess")
+    process = start(coco, out)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [2, 6])
+def test_kill_9_anywhere_and_auto_resume(coco, uninterrupted_subprocess, tmp_path, kill_after):
+    process = start(coco, tmp_path, "--save_every_iters", 1)
+    wait_for_iterations(process, tmp_path, kill_after)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    process = start(coco, tmp_path, "--save_every_iters", 1, "--auto_resume")
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "--auto_resume: resuming from" in output
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert_same_run(tmp_path, uninterrupted_subprocess)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_after_the_iteration_and_exits(coco, uninterrupted_subprocess, tmp_path, signum):
+    process = start(coco, tmp_path)
+    wait_for_iterations(process, tmp_path, 3)
+    os.kill(process.pid, signum)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signum, output[-3000:]
+    message = next(line for line in output.splitlines() if line.startswith("received"))
+    assert message.startswith(f"received {signal.Signals(signum).name}: stopped after epoch")
+    assert f"resume with --resume {tmp_path / 'checkpoint.pth'} (or --auto_resume)" in message
+    at = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert "in_epoch" in at or at["epoch"] >= 0
+    process = start(coco, tmp_path, "--auto_resume")
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert_same_run(tmp_path, uninterrupted_subprocess)
+
+
+def torchrun(coco, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "main.py",
+                             *flags(coco, out, "--batch_size", 1, *extra)],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_processes_stop_on_a_signal_and_resume_exactly(coco, tmp_path):
+    reference = tmp_path / "reference"
+    process = torchrun(coco, reference)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    out = tmp_path / "interrupted"
+    process = torchrun(coco, out, "--save_every_iters", 3)
+    wait_for_iterations(process, out, 5)
+    os.killpg(process.pid, signal.SIGTERM)  # what SLURM does: every process gets it
+    output = process.communicate(timeout=300)[0]
+    assert "received SIGTERM: stopped after epoch" in output, output[-3000:]
+    assert len(load_checkpoint(out / "checkpoint.pth")["in_epoch"]["random"]) == 2  # both processes' states
+    process = torchrun(coco, out, "--save_every_iters", 3, "--auto_resume")
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert losses(out) == losses(reference) and len(losses(out)) == 8  # 4 iterations of batch 1 per process
+    assert lines(out / "log.txt") == lines(reference / "log.txt")
+
+
+def test_upstream_and_epoch_end_checkpoints_resume_at_the_next_epoch(coco, uninterrupted, tmp_path):
+    checkpoint = load_checkpoint(uninterrupted / "checkpoint0000.pth")
+    upstream = {k: checkpoint[k] for k in ("model", "optimizer", "lr_scheduler", "epoch", "args")}
+    save_checkpoint(upstream, tmp_path / "upstream.pth")
+    train(coco, tmp_path / "run", "--resume", tmp_path / "upstream.pth")
+    assert [e["epoch"] for e in lines(tmp_path / "run" / "log.txt")] == [1]
+    assert losses(tmp_path / "run") == losses(uninterrupted)[ITERATIONS:]
+
+
+def test_keep_checkpoints_keeps_the_last_copies(coco, tmp_path):
+    train(coco, tmp_path, "--epochs", 3, "--keep_checkpoints", 2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == [
+        "checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth"]
+
+
+def test_auto_resume_skips_a_corrupt_checkpoint_naming_it(coco, uninterrupted, tmp_path, capsys):
+    for name in ("checkpoint.pth", "checkpoint0000.pth"):
+        shutil.copy(uninterrupted / name, tmp_path / name)
+    shutil.copy(uninterrupted / "log.txt", tmp_path / "log.txt")
+    (tmp_path / "checkpoint.pth").write_bytes((tmp_path / "checkpoint.pth").read_bytes()[:5000])  # truncated
+    (tmp_path / ".checkpoint.pth.x1y2.tmp").write_bytes(b"half")
+    train(coco, tmp_path, "--auto_resume")
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / '.checkpoint.pth.x1y2.tmp'}" in out
+    assert f"cannot resume from {tmp_path / 'checkpoint.pth'}" in out
+    assert f"--auto_resume: resuming from {tmp_path / 'checkpoint0000.pth'} (epoch 1, iteration 0)" in out
+    assert [e["epoch"] for e in lines(tmp_path / "log.txt")] == [0, 1]  # epoch 1 again, once
+    assert lines(tmp_path / "log.txt") == lines(uninterrupted / "log.txt")
+
+
+def test_auto_resume_without_a_checkpoint_starts_a_new_run(coco, tmp_path, capsys):
+    train(coco, tmp_path, "--auto_resume", "--epochs", 1)
+    assert f"--auto_resume: no checkpoint in {tmp_path} yet, starting a new run" in capsys.readouterr().out
+
+
+def test_model_ema_is_trained_saved_and_evaluated(coco, uninterrupted, tmp_path, capsys):
+    train(coco, tmp_path, "--model_ema", "--model_ema_decay", "0.9")
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
+    raw, average = checkpoint["model"], checkpoint["model_ema"]
+    assert raw.keys() == average.keys()
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], average[k])]
+    assert len(moved) > len(raw) // 2  # an average of the path, not the last weights
+    # the training run's evaluation scored the average, as --eval --resume does
+    stats = project_main.main(project_main.get_args_parser().parse_args(
+        flags(coco, tmp_path / "eval", "--eval", "--resume", tmp_path / "checkpoint.pth")))
+    assert f"evaluating the weight average (model_ema) of {tmp_path / 'checkpoint.pth'}" in capsys.readouterr().out
+    assert stats["coco_eval_bbox"] == lines(tmp_path / "log.txt")[-1]["test_coco_eval_bbox"]
+    # an upstream checkpoint (no average) resumes with --model_ema: the average starts from its weights
+    train(coco, tmp_path / "from_upstream", "--resume", uninterrupted / "checkpoint0000.pth", "--model_ema")
+    assert "model_ema" in load_checkpoint(tmp_path / "from_upstream" / "checkpoint.pth")
+
+
+def test_ema_decay_warms_up_to_the_flag(coco, tmp_path, monkeypatch):
+    decays = []
+    original = engine.train_one_epoch
+
+    def spy(*args, **kwargs):
+        ema = kwargs["ema"]
+        decays.append([ema.get_decay(step) for step in (1, 2, 10, 1000, 10 ** 9)])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    train(coco, tmp_path, "--model_ema", "--epochs", 1)
+    low, second, early, later, end = decays[0]
+    assert low == 0 and 0 < second < early < later < end == pytest.approx(0.9997)
+
+
+def test_console_lines_are_short_and_every_term_is_in_the_logs(coco, uninterrupted, capsys, tmp_path):
+    train(coco, tmp_path, "--epochs", 1)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("Epoch 0 [", "Test ["))]
+    assert len(progress) == ITERATIONS + 1  # every iteration (--print_freq 1), the evaluation batch
+    for line in progress:
+        assert len(line) <= 130, line
+    first = progress[0]
+    for field in ("Epoch 0 [0/4]", "eta ", "loss ", "o2o ", "o2m ", "cls_err ", "lr ", "grad ", " s/it", "mem "):
+        assert field in first, first
+    epoch = lines(tmp_path / "log.txt")[0]
+    assert {"train_loss_ce_one2many", "train_loss_giou_enc", "train_class_error", "test_coco_eval_bbox"} <= set(epoch)
+    iteration = lines(tmp_path / ITERATION_LOG)[0]
+    assert {"loss", "loss_one2one", "loss_one2many", "loss_bbox_0_one2many", "lr", "grad_norm"} <= set(iteration)
+    assert iteration["loss"] == pytest.approx(iteration["loss_one2one"] + iteration["loss_one2many"], rel=1e-5)
+
+
+def test_tensorboard_logging(coco, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(coco, tmp_path, "--epochs", 1, "--tensorboard")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(coco, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+    with pytest.raises(ImportError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        train(coco, tmp_path, "--epochs", 1, "--tensorboard")

@@ -1,0 +1,164 @@
+"""What an exact resume needs besides the weights and running averages (the seeds and random states, the
+optimizer and schedule restored), and the files of a run: which checkpoint to resume, temporaries left by killed
+saves, the per-epoch copies kept, the logs' lines past the point a run resumes from."""
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint
+from .misc import get_rank, get_world_size, is_dist_avail_and_initialized
+
+EPOCH_COPY = re.compile(r"checkpoint(\d{4})\.pth")
+LATEST = "checkpoint.pth"
+ITERATION_LOG = "log_iterations.txt"
+
+
+# ------------------------------------------------------------------------------------------- random states
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def epoch_seed(seed, epoch, rank):
+    """A seed of its own for every (epoch, rank): a resumed run draws the same samples and augmentations."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+
+def random_state():
+    """This process's random states, in types a weights_only checkpoint holds."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_random_states():
+    """Every process's random_state(), in rank order (on every process)."""
+    state = random_state()
+    if not is_dist_avail_and_initialized():
+        return [state]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_random_states(states):
+    """Give this process its own of all_random_states(); a checkpoint of another number of processes is an error."""
+    if len(states) != get_world_size():
+        raise ValueError(f"the checkpoint was saved by {len(states)} processes, this run has {get_world_size()}: "
+                         "resume a run mid-epoch with as many processes (or resume from an epoch-end copy)")
+    set_random_state(states[get_rank()])
+
+
+# ------------------------------------------------------------------------------------------- optimizer and schedule
+
+
+def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
+    """Restore optimizer, scheduler and epoch; the learning rates and lr drops of this command line win, as
+    upstream (so a resumed run can change its schedule)."""
+    # this run's learning rates, and its choice of the fused AdamW kernel (a checkpoint's param groups carry theirs)
+    fresh_groups = [{k: g[k] for k in ("lr", "initial_lr", "fused") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update(fresh)
+    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+        scheduler.step_size = args.lr_drop
+        drops = scheduler.last_epoch // scheduler.step_size
+    else:
+        scheduler.milestones = type(scheduler.milestones)(args.lr_drop_epochs)
+        drops = sum(1 for m in args.lr_drop_epochs if m <= scheduler.last_epoch)
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * scheduler.gamma ** drops
+    if "scaler" in checkpoint and scaler is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+
+
+# ------------------------------------------------------------------------------------------- checkpoint files
+
+
+def epoch_copies(output_dir):
+    """The per-epoch copies checkpointNNNN.pth of a run, oldest first."""
+    output_dir = Path(output_dir)
+    copies = [p for p in output_dir.glob("checkpoint*.pth") if EPOCH_COPY.fullmatch(p.name)]
+    return sorted(copies, key=lambda p: int(EPOCH_COPY.fullmatch(p.name).group(1)))
+
+
+def prune_epoch_copies(output_dir, keep):
+    """Delete all but the last `keep` per-epoch copies (keep None: delete nothing); returns the deleted files."""
+    if keep is None:
+        return []
+    doomed = epoch_copies(output_dir)[:-keep]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def remove_temporaries(output_dir):
+    """Delete the temporary files a killed save left (.<name>.<random>.tmp) in a run's folders."""
+    removed = []
+    for folder in (Path(output_dir), Path(output_dir) / "eval"):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def find_resume_checkpoint(output_dir, report=print):
+    """(path, checkpoint) to resume a run in output_dir from: checkpoint.pth, else, when it is missing or cannot
+    be read (named in a report line), the newest per-epoch copy that loads; (None, None) when there is none."""
+    output_dir = Path(output_dir)
+    candidates = [output_dir / LATEST] + list(reversed(epoch_copies(output_dir)))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except (RuntimeError, ValueError, OSError, EOFError) as err:
+            report(f"cannot resume from {path} ({err}); trying the previous copy")
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------- logs
+
+
+def read_log(path):
+    """The JSON lines of a log file (none when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path, keep):
+    """Rewrite a JSON-lines log with only the lines for which keep(entry) is true; returns how many went."""
+    entries = read_log(path)
+    kept = [entry for entry in entries if keep(entry)]
+    if len(kept) != len(entries):
+        Path(path).write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    return len(entries) - len(kept)
