@@ -8,6 +8,7 @@ min/max-to-Clip rule leaves the graph with a dangling input (onnx.checker reject
 the removal of unused nodes (the auxiliary heads) are run; onnxruntime optimises the graph further when it loads it.
 """
 import json
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -22,6 +23,11 @@ from .ops.functions.ms_deform_attn_func import force_pytorch_path
 
 # tolerance of check_export: max abs difference of logits and boxes between onnxruntime and PyTorch
 CHECK_TOLERANCE = 1e-4
+# the image size traced with; the graph runs on any size. Tracing keeps a size that is 1 at the traced scale as 1
+# (a broadcast), so every window count and feature map must be 2 or more there: sides of at least MIN_EXAMPLE_SIDE
+# (Swin's last stage needs more than one window of 12 tokens at stride 32: 385 pixels)
+EXAMPLE_SIZE = (800, 1066)
+MIN_EXAMPLE_SIDE = 400
 
 
 def import_onnx_packages():
@@ -99,14 +105,17 @@ def _check_dynamic_inputs(model_proto, with_postprocess):
         raise RuntimeError(f"unexpected graph inputs {[v.name for v in model_proto.graph.input]}")
 
 
-def export_onnx(model, path, postprocess=None, example_size=(800, 1066), metadata=None, opset=None):
+def export_onnx(model, path, postprocess=None, example_size=EXAMPLE_SIZE, metadata=None, opset=None):
     """Write the evaluation graph of `model` (a DeformableDETR) to `path`.
 
     postprocess: a PostProcess to include (then the graph takes "orig_sizes" and returns the top-k detections);
-    example_size: (h, w) traced with (any size the model runs on: big enough for two-stage's proposals);
+    example_size: (h, w) traced with, each side at least MIN_EXAMPLE_SIDE;
     metadata: {key: str} written into the file (util.onnx_runtime's keys); opset: ONNX opset (default torch's).
     Returns the onnx ModelProto written.
     """
+    if len(example_size) != 2 or min(example_size) < MIN_EXAMPLE_SIDE:
+        raise ValueError(f"the example size traced with must be at least {MIN_EXAMPLE_SIDE} x {MIN_EXAMPLE_SIDE} "
+                         f"(a graph traced on a smaller image could only run on sizes like it), got {example_size}")
     onnx, _ = import_onnx_packages()
     with_postprocess = postprocess is not None
     wrapper = ExportableDetector(model, postprocess).eval()
@@ -117,13 +126,20 @@ def export_onnx(model, path, postprocess=None, example_size=(800, 1066), metadat
         # Dim.AUTO: dynamic, within the ranges the model allows (e.g. two-stage needs as many encoder tokens as
         # queries); _check_dynamic_inputs makes sure that no axis ended up fixed
         auto = torch.export.Dim.AUTO
-        exported = torch.export.export(wrapper, inputs, strict=False,
-                                       dynamic_shapes=_dynamic_shapes(with_postprocess, auto, auto, auto))
-        program = torch.onnx.export(
-            exported, inputs, dynamo=True, optimize=False, opset_version=opset, verbose=False,
-            dynamic_shapes=_dynamic_shapes(with_postprocess, "batch", "height", "width"),  # names the axes
-            input_names=list(INPUTS) + [POSTPROCESS_INPUT] * with_postprocess,
-            output_names=list(OUTPUTS) + list(POSTPROCESS_OUTPUTS) * with_postprocess)
+        try:
+            exported = torch.export.export(wrapper, inputs, strict=False,
+                                           dynamic_shapes=_dynamic_shapes(with_postprocess, auto, auto, auto))
+        except Exception as err:  # torch.export raises many types; the tools report RuntimeError in one line
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RuntimeError(f"torch.export cannot capture this model at {tuple(example_size)}: "
+                               f"{type(err).__name__}: {message}") from err
+        with warnings.catch_warnings():  # torch.onnx notes that it names the batch axis once for both inputs
+            warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
+            program = torch.onnx.export(
+                exported, inputs, dynamo=True, optimize=False, opset_version=opset, verbose=False,
+                dynamic_shapes=_dynamic_shapes(with_postprocess, "batch", "height", "width"),  # names the axes
+                input_names=list(INPUTS) + [POSTPROCESS_INPUT] * with_postprocess,
+                output_names=list(OUTPUTS) + list(POSTPROCESS_OUTPUTS) * with_postprocess)
     _clean_graph(program)
     for key, value in (metadata or {}).items():
         program.model.metadata_props[key] = str(value)
@@ -140,11 +156,12 @@ def export_metadata(val_scale, max_size, topk, names):
 
 
 def check_sizes(val_scale, max_size):
-    """Three image sizes (h, w) around the evaluation resize: landscape, portrait, square-ish (multiples of 1)."""
-    landscape = (val_scale, min(max_size, val_scale * 4 // 3))
+    """Three image sizes (h, w) of the evaluation resize other than the traced 4:3 one: a 3:2 landscape, a portrait
+    and a square whose sides are multiples of 32 (sizes a backbone may treat apart: no padding)."""
+    landscape = (val_scale, min(max_size, val_scale * 3 // 2))
     portrait = (min(max_size, val_scale * 5 // 4), val_scale * 3 // 4)
-    square = (val_scale * 7 // 8, val_scale * 7 // 8 + 8)
-    return [landscape, portrait, square]
+    side = max(32, val_scale // 32 * 32)
+    return [landscape, portrait, (side, side)]
 
 
 def _session_with_proposals(onnx, path, two_stage):

@@ -16,7 +16,7 @@ from models.onnx_export import check_export, export_onnx
 from util.checkpoint import save_checkpoint
 from util.onnx_runtime import OnnxDetector
 
-from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, perturb
+from model_helpers import ROOT, SMALL, TINY_VIT, TWO_STAGE_HYBRID, build, perturb, register_tiny_vit
 
 for _package in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_package, reason=f"the ONNX tests need {_package}: pip install onnx onnxscript onnxruntime")
@@ -27,22 +27,26 @@ INFER = runpy.run_path(str(ROOT / "tools" / "infer.py"))
 BASE = SMALL + ["--no_pretrained_backbone", "--num_feature_levels", "2", "--val_scale", "72", "--max_size", "128",
                 "--topk", "20"]
 FLAGS = BASE + TWO_STAGE_HYBRID + ["--backbone", "resnet18"]
-SIZES = [(72, 96), (96, 60), (64, 70)]  # (h, w): landscape, portrait, near-square
+SIZES = [(72, 108), (90, 54), (64, 64)]  # (h, w): landscape, portrait, square
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A checkpoint of the small two-stage hybrid model (mixed selection) on a synthetic COCO dataset, exported
-    with the post-processing by the tool (which checks the file itself)."""
+    """A checkpoint of the small two-stage hybrid model (mixed selection) on a synthetic COCO dataset, with a weight
+    average (--model_ema), exported with the post-processing by the tool (which checks the file itself). Returns
+    (folder, the average's model, postprocess, the model of the checkpoint's "model" weights)."""
     root = tmp_path_factory.mktemp("onnx")
     make_synthetic_coco(root / "coco", 0, 3, image_size=96, seed=2)
-    model, _, post, args = build(FLAGS + ["--coco_path", str(root / "coco"), "--num_classes", "7"], seed=1)
-    perturb(model)  # the zero-initialised heads take part
-    save_checkpoint({"model": model.state_dict(), "args": args}, root / "checkpoint.pth")
+    flags = FLAGS + ["--coco_path", str(root / "coco"), "--num_classes", "7"]
+    model, _, post, args = build(flags, seed=1)
+    trained = build(flags, seed=6)[0]
+    perturb(model), perturb(trained, seed=1)  # the zero-initialised heads take part
+    save_checkpoint({"model": trained.state_dict(), "model_ema": model.state_dict(), "args": args},
+                    root / "checkpoint.pth")
     code = EXPORT["main"](["--resume", str(root / "checkpoint.pth"), "--out", str(root / "model.onnx"),
                            "--with_postprocess"])
     assert code == 0
-    return root, model.eval(), post["bbox"]
+    return root, model.eval(), post["bbox"], trained.eval()
 
 
 def dims(value):
@@ -50,7 +54,7 @@ def dims(value):
 
 
 def test_graph_inputs_outputs_and_metadata(exported):
-    root, _, _ = exported
+    root = exported[0]
     proto = onnx.load(str(root / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     assert {v.name: dims(v) for v in proto.graph.input} == {
@@ -68,7 +72,7 @@ def test_graph_inputs_outputs_and_metadata(exported):
 
 
 def test_onnxruntime_matches_pytorch_on_three_sizes_and_a_padded_batch(exported):
-    root, model, post = exported
+    root, model, post, _ = exported
     report = check_export(model, root / "model.onnx", SIZES, post, seed=3)
     assert [shapes for shapes, _, _ in report] == [[s] for s in SIZES] + [SIZES[:2]]
     assert all(logits <= 1e-4 and boxes <= 1e-4 for _, logits, boxes in report), report
@@ -88,12 +92,12 @@ def test_onnxruntime_matches_pytorch_on_three_sizes_and_a_padded_batch(exported)
         np.testing.assert_allclose(got["boxes"][i], want["boxes"].numpy(), rtol=0, atol=1e-2)  # pixels
 
 
-def test_check_fails_on_another_model(exported, tmp_path):
-    """The check can fail: a model with other weights is not what the file computes."""
-    root, model, post = exported
-    other = build(FLAGS + ["--num_classes", "7"], seed=5)[0].eval()
+def test_the_weight_average_is_exported_and_the_check_fails_on_other_weights(exported):
+    """The file computes the checkpoint's weight average (model_ema), not its "model" weights: the check fails
+    on those."""
+    root, _, post, trained = exported
     with pytest.raises(RuntimeError, match="differs from PyTorch|other two-stage proposals"):
-        check_export(other, root / "model.onnx", SIZES, post)
+        check_export(trained, root / "model.onnx", SIZES, post)
 
 
 def same_detections(a, b):
@@ -107,7 +111,7 @@ def same_detections(a, b):
 
 
 def test_infer_onnx_equals_infer_checkpoint_without_torch(exported, tmp_path):
-    root, _, _ = exported
+    root = exported[0]
     images = root / "coco" / "val2017"
     assert INFER["main"](["--resume", str(root / "checkpoint.pth"), "--images", str(images), "--out",
                           str(tmp_path / "torch"), "--threshold", "0"]) == 0
@@ -138,28 +142,31 @@ def test_infer_onnx_equals_infer_checkpoint_without_torch(exported, tmp_path):
 @pytest.mark.parametrize("flags", [
     ["--backbone", "resnet18"],  # one-stage, no box refinement
     ["--backbone", "swin_tiny", "--with_box_refine", "--two_stage", "--use_checkpoint"],  # checkpointing off
-], ids=["r18-one-stage", "swin-two-stage"])
-def test_other_architectures_export(flags, tmp_path):
+    ["--backbone", TINY_VIT, "--with_box_refine", "--use_checkpoint", "--num_feature_levels", "3"],
+], ids=["r18-one-stage", "swin-two-stage", "vit-box-refine"])
+def test_other_architectures_export(flags, tmp_path, monkeypatch):
+    register_tiny_vit(monkeypatch)
     model, _, _, _ = build(BASE + flags, seed=2)
     perturb(model).eval()
-    proto = export_onnx(model, tmp_path / "model.onnx", example_size=(72, 96))
+    # traced at multiples of 32: the ViT's batch padding and position resizing must still follow other sizes
+    proto = export_onnx(model, tmp_path / "model.onnx", example_size=(512, 640))
     assert [v.name for v in proto.graph.output] == ["pred_logits", "pred_boxes"]
-    report = check_export(model, tmp_path / "model.onnx", SIZES)
-    assert len(report) == 4 and all(max(diffs) <= 1e-4 for _, *diffs in report), report
+    report = check_export(model, tmp_path / "model.onnx", SIZES + [(96, 128)])
+    assert len(report) == 5 and all(max(diffs) <= 1e-4 for _, *diffs in report), report
 
 
 def test_bad_inputs(exported, tmp_path):
-    root, _, _ = exported
+    root = exported[0]
     out = ["--out", str(tmp_path / "m.onnx")]
     with pytest.raises(ValueError, match="--resume"):
         EXPORT["main"](out)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         EXPORT["main"](out + ["--resume", str(tmp_path / "missing.pth")])
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+    with pytest.raises(RuntimeError, match="is not a PyTorch checkpoint"):
         EXPORT["main"](out + ["--resume", str(tmp_path / "junk.pth")])
-    with pytest.raises(ValueError, match="--example_size"):
-        EXPORT["main"](out + ["--resume", str(root / "checkpoint.pth"), "--example_size", "0", "64"])
+    with pytest.raises(ValueError, match="--example_size must be at least 400"):
+        EXPORT["main"](out + ["--resume", str(root / "checkpoint.pth"), "--example_size", "72", "96"])
 
     images = ["--images", str(root / "coco" / "val2017"), "--out", str(tmp_path / "o")]
     with pytest.raises(FileNotFoundError, match="nothing.onnx"):
@@ -184,3 +191,26 @@ def test_command_line_errors_are_one_line(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(ROOT / "tools" / "export_onnx.py"), run_name="__main__")
     assert str(info.value.code).startswith("export_onnx: ") and "missing.pth" in str(info.value.code)
+
+
+def test_benchmark_times_eager_and_onnxruntime(exported, capsys):
+    root = exported[0]
+    bench = runpy.run_path(str(ROOT / "tools" / "benchmark_onnx.py"))
+    code = bench["main"](["--resume", str(root / "checkpoint.pth"), "--onnx", str(root / "model.onnx"),
+                          "--image_size", "72", "96", "--num_iters", "3", "--warm_iters", "1", "--threads", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "one 72x96 image, 1 threads, median of 2 runs after 1 warm-up" in out
+    times = [float(line.rsplit(": ", 1)[1].rstrip(" s")) for line in out.splitlines() if line.startswith("  ")]
+    assert len(times) == 3 and all(t > 0 for t in times) and "onnxruntime CPU" in out
+    with pytest.raises(ValueError, match="--warm_iters"):
+        bench["main"](["--resume", str(root / "checkpoint.pth"), "--onnx", str(root / "model.onnx"),
+                       "--num_iters", "2", "--warm_iters", "2"])
+
+
+@pytest.mark.parametrize("tool", ["export_onnx", "benchmark_onnx"])
+def test_tool_help_prints_help(tool):
+    result = subprocess.run([sys.executable, f"tools/{tool}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {tool}.py") and "main.py --help" in result.stdout

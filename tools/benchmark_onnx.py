@@ -20,17 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from main import get_args_parser  # noqa: E402
-from models import build_model  # noqa: E402
 from models.ops.functions.ms_deform_attn_func import force_pytorch_path, use_compiled  # noqa: E402
-from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.onnx_runtime import OnnxDetector  # noqa: E402
+from util.trained_model import trained_model  # noqa: E402
 
 
 def benchmark_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are main.py's (python main.py --help lists them).")
     parser.add_argument("--onnx", required=True, help="the exported model (tools/export_onnx.py)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1066])
     parser.add_argument("--num_iters", type=int, default=10, help="timed iterations, warm-up included")
@@ -53,18 +51,15 @@ def median_seconds(run, num_iters, warm_iters):
 
 def main(argv=None):
     args, rest = benchmark_args_parser().parse_known_args(argv)
-    if args.num_iters <= args.warm_iters or min(args.image_size) < 1:
-        raise ValueError("need --num_iters > --warm_iters and a positive --image_size")
+    if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
+        raise ValueError(f"need 0 <= --warm_iters ({args.warm_iters}) < --num_iters ({args.num_iters})")
+    if min(args.image_size) <= 0:
+        raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    resume = get_args_parser().parse_known_args(rest)[0].resume
-    if not resume:
-        raise ValueError("pass the checkpoint the model was exported from with --resume <checkpoint>")
-    checkpoint = load_checkpoint(resume)
-    model_args = main_arguments(get_args_parser(), rest + ["--device", "cpu"], args.config, checkpoint.get("args"))
-    model, _, _ = build_model(model_args)
-    load_model_state(model, checkpoint, resume, model_args)
-    model.eval()
+    model = trained_model(rest, args.config, device="cpu")[0]
     detector = OnnxDetector(args.onnx, threads=threads)
 
     image = torch.randn(3, *args.image_size, generator=torch.Generator().manual_seed(0))

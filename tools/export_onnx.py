@@ -12,8 +12,8 @@ and returns "pred_logits" and "pred_boxes"; --with_postprocess adds the input "o
 outputs "scores", "labels" and "boxes" (the --topk best, xyxy in pixels of orig_sizes). The evaluation resize,
 --topk and the category names (from the annotation file under --coco_path, when found) are written into the
 file's metadata, for tools/infer.py --onnx. Then onnx.checker checks the file and onnxruntime runs it on random
-images of three sizes and a padded batch of two, against PyTorch (max abs difference of logits and boxes at most
-1e-4). Needs onnx, onnxscript and onnxruntime.
+images of three sizes of the evaluation resize and a padded batch of two, against PyTorch (max abs difference of
+logits and boxes at most 1e-4). Needs onnx, onnxscript and onnxruntime.
 """
 import argparse
 import sys
@@ -26,57 +26,41 @@ import torch  # noqa: E402
 
 from datasets.coco import category_names, transform_options  # noqa: E402
 from datasets.transforms import eval_resize  # noqa: E402
-from main import get_args_parser  # noqa: E402
-from models import build_model  # noqa: E402
-from models.onnx_export import (CHECK_TOLERANCE, check_export, check_sizes, export_metadata, export_onnx,  # noqa: E402
-                                import_onnx_packages)
-from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
-from util.config_script import main_arguments  # noqa: E402
+from models.onnx_export import (CHECK_TOLERANCE, EXAMPLE_SIZE, MIN_EXAMPLE_SIDE, check_export,  # noqa: E402
+                                check_sizes, export_metadata, export_onnx, import_onnx_packages)
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
+from util.trained_model import trained_model  # noqa: E402
 
 
 def export_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are main.py's (python main.py --help lists them).")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--with_postprocess", action="store_true",
                         help="include the post-processing: top-k scores, labels and boxes in pixels of orig_sizes")
     parser.add_argument("--config", default=None, help="config script whose main.py flags build the model "
                                                        "(when the checkpoint carries no arguments)")
     parser.add_argument("--example_size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="image size traced with (default: the evaluation resize of a 4:3 image); the graph "
-                             "runs on other sizes too")
+                        help="image size traced with (default 800 1066, at least 400 a side); the graph runs on "
+                             "any size")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
     parser.add_argument("--no_check", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
     return parser
 
 
-def model_from_checkpoint(args, rest):
-    """(model in eval mode on the CPU, its post-processing, its main.py arguments) of --resume."""
-    resume = get_args_parser().parse_known_args(rest)[0].resume
-    if not resume:
-        raise ValueError("pass the trained model with --resume <checkpoint>")
-    checkpoint = load_checkpoint(resume)
-    model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
-    model_args.device = "cpu"  # the export traces on the CPU whatever the model was trained on
-    model, _, postprocessors = build_model(model_args)
-    weights, averaged = evaluation_weights(checkpoint)
-    load_model_state(model, weights, resume, model_args)
-    if averaged:
-        print(f"exporting the weight average (model_ema) of {resume}")
-    return model.eval(), postprocessors["bbox"], model_args
-
-
 def main(argv=None):
     args, rest = export_args_parser().parse_known_args(argv)
-    if args.example_size and min(args.example_size) < 1:
-        raise ValueError(f"--example_size must be two positive sizes, got {args.example_size}")
+    if args.example_size and min(args.example_size) < MIN_EXAMPLE_SIDE:
+        raise ValueError(f"--example_size must be at least {MIN_EXAMPLE_SIDE} on each side, got {args.example_size}")
     import_onnx_packages()
     if not args.no_check:
         import_onnxruntime()
-    model, postprocess, model_args = model_from_checkpoint(args, rest)
+    # the export traces on the CPU whatever the model was trained on
+    model, postprocessors, model_args = trained_model(rest, args.config, device="cpu")
+    postprocess = postprocessors["bbox"]
     options = transform_options(model_args)
     val_scale, max_size = eval_resize(options["scales"], options["max_size"], options["val_size"])
-    example_size = tuple(args.example_size or (val_scale, min(max_size, val_scale * 4 // 3)))
+    example_size = tuple(args.example_size or EXAMPLE_SIZE)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -85,24 +85,10 @@ def checkpoint_detector(args, rest):
 
     from datasets.coco import category_names, transform_options
     from datasets.transforms import make_coco_transforms
-    from main import check_device, get_args_parser
-    from models import build_model
-    from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
-    from util.config_script import main_arguments
+    from util.trained_model import trained_model
 
-    resume = get_args_parser().parse_known_args(rest)[0].resume
-    if not resume:
-        raise ValueError("pass the trained model with --resume <checkpoint> (or an exported one with --onnx)")
-    checkpoint = load_checkpoint(resume)
-    model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
-    check_device(model_args)
+    model, postprocessors, model_args = trained_model(rest, args.config)
     device = torch.device(model_args.device)
-    model, _, postprocessors = build_model(model_args)
-    weights, averaged = evaluation_weights(checkpoint)
-    load_model_state(model, weights, resume, model_args)
-    if averaged:
-        print(f"using the weight average (model_ema) of {resume}")
-    model.to(device).eval()
     transform = make_coco_transforms("val", **transform_options(model_args))
 
     @torch.no_grad()

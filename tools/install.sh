@@ -12,4 +12,10 @@ if ! .venv/bin/python -c "import torch, torchvision, pycocotools, scipy, timm, n
     .venv/bin/python -m pip install --quiet --disable-pip-version-check $TORCH_SPEC
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt pytest
 fi
+# optional: the ONNX export and onnxruntime inference (tools/export_onnx.py, tools/infer.py --onnx) and their tests,
+# which are skipped without them; INSTALL_ONNX=0 leaves them out. ONNX_SPEC: the releases this project is tested with.
+ONNX_SPEC=${ONNX_SPEC:-"onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0"}
+if [ "${INSTALL_ONNX:-1}" != 0 ] && ! .venv/bin/python -c "import onnx, onnxscript, onnxruntime" 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check $ONNX_SPEC
+fi
 .venv/bin/python -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"

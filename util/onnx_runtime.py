@@ -2,9 +2,10 @@
 
 The graph takes a padded, normalised image batch "images" [B, 3, H, W] float32 and its padding mask "mask"
 [B, H, W] bool (True on padding, as util.misc.NestedTensor), and returns the one-to-one queries' "pred_logits"
-[B, Q, K] and "pred_boxes" [B, Q, 4] (cxcywh relative to each image's unpadded area, as the PyTorch model). A graph exported with the post-processing also takes "orig_sizes" [B, 2] int64 (h, w) and returns
-the top-k "scores" [B, k], "labels" [B, k] int64 and "boxes" [B, k, 4] (xyxy pixels of those sizes). The export
-writes the evaluation resize and the category names into the file's metadata.
+[B, Q, K] and "pred_boxes" [B, Q, 4] (cxcywh relative to each image's unpadded area, as the PyTorch model). A graph
+exported with the post-processing also takes "orig_sizes" [B, 2] int64 (h, w) and returns the top-k "scores"
+[B, k], "labels" [B, k] int64 and "boxes" [B, k, 4] (xyxy pixels of those sizes). The export writes the evaluation
+resize, --topk and the category names into the file's metadata.
 """
 import json
 
