@@ -5,9 +5,10 @@
                                    [--warm_iters 2] [--threads N] [--config configs/...sh] [main.py flags]
 
 Times one forward pass on a random normalised image of --image_size (one image, no padding), median over the
-timed iterations: PyTorch eager in eval mode as evaluation runs it (the compiled CPU deformable-attention op when
-it loads), PyTorch on the grid_sample path (what the graph computes), and onnxruntime's CPU provider on the
-exported graph. --threads sets both torch's and onnxruntime's intra-op threads (default: 1 per core).
+timed iterations (each iteration runs every variant once): PyTorch eager in eval mode as evaluation runs it (the
+compiled CPU deformable-attention op when it loads), PyTorch on the grid_sample path (what the graph computes),
+and onnxruntime's CPU provider on the exported graph; the PyTorch runs include the post-processing when the graph
+does. --threads sets both torch's and onnxruntime's intra-op threads (default: 1 per core).
 """
 import argparse
 import os
@@ -39,14 +40,17 @@ def benchmark_args_parser():
     return parser
 
 
-def median_seconds(run, num_iters, warm_iters):
-    times = []
+def median_seconds(runs, num_iters, warm_iters):
+    """Median seconds of each of `runs` over the timed iterations; every iteration runs each of them once, so that
+    a change in the machine's load falls on all alike."""
+    times = [[] for _ in runs]
     for i in range(num_iters):
-        start = time.perf_counter()
-        run()
-        if i >= warm_iters:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for run, series in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            if i >= warm_iters:
+                series.append(time.perf_counter() - start)
+    return [statistics.median(series) for series in times]
 
 
 def main(argv=None):
@@ -59,8 +63,9 @@ def main(argv=None):
         raise ValueError(f"--threads must be positive, got {args.threads}")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    model = trained_model(rest, args.config, device="cpu")[0]
+    model, postprocessors, _ = trained_model(rest, args.config, device="cpu")
     detector = OnnxDetector(args.onnx, threads=threads)
+    postprocess = postprocessors["bbox"] if detector.with_postprocess else None
 
     image = torch.randn(3, *args.image_size, generator=torch.Generator().manual_seed(0))
     samples = nested_tensor_from_tensor_list([image])
@@ -69,11 +74,13 @@ def main(argv=None):
 
     def run_torch():
         with torch.no_grad():
-            model(samples)
+            outputs = model(samples)
+            if postprocess is not None:
+                postprocess(outputs, torch.tensor(orig_sizes))
 
     def run_torch_grid_sample():
-        with torch.no_grad(), force_pytorch_path():
-            model(samples)
+        with force_pytorch_path():
+            run_torch()
 
     timings = [
         ("PyTorch eager" + (" (compiled CPU op)" if use_compiled(image) else " (grid_sample path)"), run_torch),
@@ -82,8 +89,9 @@ def main(argv=None):
     ]
     print(f"one {args.image_size[0]}x{args.image_size[1]} image, {threads} threads, median of "
           f"{args.num_iters - args.warm_iters} runs after {args.warm_iters} warm-up")
-    for name, run in timings:
-        print(f"  {name}: {median_seconds(run, args.num_iters, args.warm_iters):.3f} s")
+    medians = median_seconds([run for _, run in timings], args.num_iters, args.warm_iters)
+    for (name, _), seconds in zip(timings, medians):
+        print(f"  {name}: {seconds:.3f} s")
     return 0
 
 
