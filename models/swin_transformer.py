@@ -6,7 +6,6 @@ and the ``backbone.0.body.*`` keys of H-Deformable-DETR checkpoints match exactl
 The numerics (window order, relative position index, cyclic shift, mask value -100,
 zero padding after ``norm1``) are those of the official implementation.
 """
-import math
 import os
 
 import torch
