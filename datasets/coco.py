@@ -5,12 +5,11 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from util.image_io import decode_image, read_bytes
 from util.misc import get_local_rank, get_local_size
 
 from .transforms import make_coco_transforms
@@ -57,55 +56,13 @@ def num_classes_from_annotations(ann_file):
     return max(ids) + 1
 
 
-# modes of more than 8 bits per pixel, which PIL's convert("RGB") saturates (a 16-bit image turns white)
-WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def _wide_to_rgb(image, path):
-    """A 16/32-bit integer or float grey image as 8-bit RGB, scaled by the range its values are stored in:
-    [0, 1] (float), [0, 255] or [0, 65535] (16-bit data, / 257). Other ranges cannot be read without guessing."""
-    values = np.asarray(image, dtype=np.float64)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if not np.isfinite(values).all() or low < 0 or high > 65535:
-        raise RuntimeError(f"cannot convert image {path} (mode {image.mode}, values {low:g}..{high:g}) to 8-bit RGB: "
-                           "save it as 8- or 16-bit")
-    if image.mode == "F" and high <= 1:
-        scale = 255.0
-    elif high <= 255 and image.mode in ("I", "F"):
-        scale = 1.0
-    else:
-        scale = 1 / 257
-    grey = np.rint(values * scale).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
-
-
-def to_rgb(image, path):
-    """A PIL image of any mode as 8-bit RGB: palette, grey, CMYK and the other 8-bit modes through PIL (alpha
-    dropped), 16/32-bit grey images scaled to 8 bits (see _wide_to_rgb)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in WIDE_MODES:
-        return _wide_to_rgb(image, path)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL's advice for palette transparency; the alpha is dropped below
-    return image.convert("RGB")
-
-
-def decode_image(data, path):
-    """Encoded image bytes -> 8-bit RGB PIL image; an undecodable file raises naming ``path``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image, path)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RuntimeError(f"cannot decode image {path}: {error}") from error
-
-
-def read_bytes(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    return path.read_bytes()
+def category_names(coco_path):
+    """{category id: name} from the validation (else training) annotation file under ``coco_path``; {} if none."""
+    for _, ann_file in (COCO_SPLITS["val"], COCO_SPLITS["train"]):
+        path = Path(coco_path) / ann_file
+        if path.is_file():
+            return {int(c["id"]): c["name"] for c in json.loads(path.read_text()).get("categories", [])}
+    return {}
 
 
 def coco_annotations_to_target(annotations, image_id, width, height):

@@ -10,12 +10,11 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from util.box_ops import box_xyxy_to_cxcywh
+# the resize rule and the normalisation live in util.image_io, shared with the torch-free ONNX runtime path
+from util.image_io import IMAGENET_MEAN, IMAGENET_STD, get_size_with_aspect_ratio  # noqa: F401
 
 # Per-object fields that must be filtered together with the boxes.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 UPSTREAM_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 UPSTREAM_MAX_SIZE = 1333
@@ -54,24 +53,6 @@ def hflip(image, target):
         x0, y0, x1, y1 = target["boxes"].unbind(-1)
         target["boxes"] = torch.stack((width - x1, y0, width - x0, y1), dim=-1)
     return image, target
-
-
-def get_size_with_aspect_ratio(image_size, size, max_size=None):
-    """Output (h, w) whose shorter side is ``size`` (reduced so the longer side stays <= ``max_size``).
-
-    ``image_size`` is PIL's (w, h). Rounding follows DETR: the reduced shorter side is rounded, the longer
-    side truncated.
-    """
-    w, h = image_size
-    if max_size is not None:
-        short, long = float(min(w, h)), float(max(w, h))
-        if long / short * size > max_size:
-            size = int(round(max_size * short / long))
-    if (w <= h and w == size) or (h <= w and h == size):
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
 
 
 def resize(image, target, size, max_size=None):
@@ -219,6 +200,11 @@ def evaluation_size(scales=None, val_size=None):
     return val_size or max(scales or UPSTREAM_TRAIN_SCALES)
 
 
+def eval_resize(scales=None, max_size=None, val_size=None):
+    """(shorter side, longer-side cap) of the evaluation resize for these settings (upstream's: 800, 1333)."""
+    return evaluation_size(scales, val_size), max_size or UPSTREAM_MAX_SIZE
+
+
 def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, crop=True, lsj=None):
     """Upstream's augmentation recipe, with sizes that can be scaled down for small images.
 
@@ -235,8 +221,7 @@ def make_coco_transforms(image_set, scales=None, max_size=None, val_size=None, c
         raise ValueError("--lsj replaces the multi-scale training resize and crop: drop --train_scales and "
                          "--no_crop_augment (--val_scale and --max_size still set the evaluation size)")
     scales = list(scales) if scales else list(UPSTREAM_TRAIN_SCALES)
-    max_size = max_size or UPSTREAM_MAX_SIZE
-    val_size = evaluation_size(scales, val_size)
+    val_size, max_size = eval_resize(scales, max_size, val_size)
     normalize = Compose([ToTensor(), Normalize()])
 
     if image_set == "train" and lsj is not None:

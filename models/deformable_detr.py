@@ -200,9 +200,16 @@ class PostProcess(nn.Module):
         """target_sizes [B, 2] (h, w): the original image sizes for evaluation. Returns per image "scores" [k],
         "labels" [k] and "boxes" [k, 4] (absolute xyxy).
         """
+        scores, labels, boxes = self.top_detections(outputs, target_sizes)
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+    def top_detections(self, outputs, target_sizes):
+        """The batched computation of forward (also what an ONNX export runs): scores [B, k], labels [B, k] and
+        boxes [B, k, 4] (absolute xyxy)."""
         out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
-            raise ValueError(f"PostProcess: target_sizes must be [{len(out_logits)}, 2], got "
+        # shapes, not len(): len() would fix the batch size of an exported graph
+        if target_sizes.dim() != 2 or target_sizes.shape[0] != out_logits.shape[0] or target_sizes.shape[1] != 2:
+            raise ValueError(f"PostProcess: target_sizes must be [{out_logits.shape[0]}, 2], got "
                              f"{tuple(target_sizes.shape)}")
         batch, num_queries, num_classes = out_logits.shape
         prob = out_logits.sigmoid()
@@ -214,8 +221,7 @@ class PostProcess(nn.Module):
         boxes = torch.gather(boxes, 1, topk_boxes.unsqueeze(-1).repeat(1, 1, 4))
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
-        boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+        return scores, labels, boxes * scale[:, None, :]
 
 
 def _reject_unsupported(args):

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from util.box_ops import refine_boxes
+from models.ops.functions.ms_deform_attn_func import level_sizes, spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
 
 from .attention import query_self_attention
@@ -72,10 +73,10 @@ class DeformableTransformerEncoder(nn.Module):
     def get_reference_points(spatial_shapes, valid_ratios, device):
         """Pixel centres of every level, normalised by the valid extent, seen from every level: [B, S, L, 2]."""
         per_level = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)  # [B, H*W]
@@ -238,13 +239,13 @@ class DeformableTransformer(nn.Module):
         n = memory.shape[0]
         proposals = []
         start = 0
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
             mask_l = memory_padding_mask[:, start:start + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask_l[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask_l[:, 0, :, 0], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)  # [H, W, 2]
@@ -280,7 +281,7 @@ class DeformableTransformer(nn.Module):
             src_flatten.append(src.flatten(2).transpose(1, 2))  # [B, C, H, W] -> [B, H*W, C]
             mask_flatten.append(mask.flatten(1))
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)  # [L, 2]
+        spatial_shapes = spatial_shapes_tensor(shapes, srcs[0].device)  # [L, 2]
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), spatial_shapes,
                 level_start_index)

@@ -6,7 +6,6 @@ and the ``backbone.0.body.*`` keys of H-Deformable-DETR checkpoints match exactl
 The numerics (window order, relative position index, cyclic shift, mask value -100,
 zero padding after ``norm1``) are those of the official implementation.
 """
-import math
 import os
 
 import torch
@@ -26,18 +25,25 @@ SWIN_VARIANTS = {
 }
 
 
+def padded_to_windows(n, ws):
+    """n rounded up to a multiple of ws. Written as a product: under torch.export the symbolic sizes then stay simple
+    enough (a modulo at every stage makes tracing take many minutes)."""
+    return (n + ws - 1) // ws * ws
+
+
 def window_partition(x, ws):
     """[B, H, W, C] (H, W multiples of ws) -> [B * nW, ws, ws, C], windows in row-major order."""
     b, h, w, c = x.shape
     x = x.view(b, h // ws, ws, w // ws, ws, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+    # sizes spelled out, not -1: under torch.export inferring -1 from symbolic sizes is very slow
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b * (h // ws) * (w // ws), ws, ws, c)
 
 
-def window_reverse(windows, ws, h, w):
-    """Inverse of window_partition: [B * nW, ws, ws, C] -> [B, H, W, C]."""
+def window_reverse(windows, ws, h, w, b):
+    """Inverse of window_partition: [B * nW, ws * ws or (ws, ws), C] -> [B, H, W, C]."""
     c = windows.shape[-1]
-    x = windows.view(-1, h // ws, w // ws, ws, ws, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+    x = windows.view(b, h // ws, w // ws, ws, ws, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
 def relative_position_index(ws):
@@ -59,7 +65,7 @@ def shifted_window_mask(hp, wp, ws, shift, device):
         return (idx >= n - ws).long() + (idx >= n - shift).long()
 
     labels = region(hp)[:, None] * 3 + region(wp)[None, :]  # [Hp, Wp]
-    labels = window_partition(labels[None, :, :, None], ws).reshape(-1, ws * ws)  # [nW, N]
+    labels = window_partition(labels[None, :, :, None], ws).flatten(1)  # [nW, ws, ws, 1] -> [nW, N]
     differs = labels[:, None, :] != labels[:, :, None]  # [nW, N, N]
     return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
 
@@ -135,15 +141,14 @@ class SwinTransformerBlock(nn.Module):
         shortcut = x
 
         x = self.norm1(x).view(b, h, w, c)
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero tokens on the bottom/right
-        hp, wp = h + pad_b, w + pad_r
+        hp, wp = padded_to_windows(h, ws), padded_to_windows(w, ws)
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))  # zero tokens on the bottom/right
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
 
-        windows = window_partition(x, ws).reshape(-1, ws * ws, c)  # [B * nW, N, C]
+        windows = window_partition(x, ws).flatten(1, 2)  # [B * nW, ws, ws, C] -> [B * nW, N, C]
         windows = self.attn(windows, mask=attn_mask if shift > 0 else None)
-        x = window_reverse(windows.view(-1, ws, ws, c), ws, hp, wp)  # [B, Hp, Wp, C]
+        x = window_reverse(windows, ws, hp, wp, b)  # [B, Hp, Wp, C]
 
         if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
@@ -164,10 +169,12 @@ class PatchMerging(nn.Module):
     def forward(self, x, h, w):
         """[B, H*W, C] -> [B, ceil(H/2)*ceil(W/2), 2C]."""
         b, _, c = x.shape
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        h2, w2 = (h + 1) // 2, (w + 1) // 2
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, 2 * w2 - w, 0, 2 * h2 - h))
+        x = x.view(b, h2, 2, w2, 2, c)  # [B, H', row parity, W', column parity, C]
         # order (even row, even col), (odd, even), (even, odd), (odd, odd) as in the official code
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+        x = torch.cat([x[:, :, 0, :, 0], x[:, :, 1, :, 0], x[:, :, 0, :, 1], x[:, :, 1, :, 1]], dim=-1)
+        return self.reduction(self.norm(x.flatten(1, 2)))  # [B, H', W', 4C] -> [B, H'*W', 4C]
 
 
 class BasicLayer(nn.Module):
@@ -191,7 +198,7 @@ class BasicLayer(nn.Module):
     def forward(self, x, h, w):
         """x: [B, H*W, C] -> (stage output [B, H*W, C], next input [B, H'*W', C'], H', W')."""
         ws = self.window_size
-        hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
+        hp, wp = padded_to_windows(h, ws), padded_to_windows(w, ws)  # as the blocks pad
         attn_mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device)
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
@@ -215,7 +222,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         """[B, 3, H, W] -> [B, C, ceil(H/p), ceil(W/p)]."""
         ph, pw = self.patch_size
-        x = F.pad(x, (0, (-x.shape[-1]) % pw, 0, (-x.shape[-2]) % ph))
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, padded_to_windows(w, pw) - w, 0, padded_to_windows(h, ph) - h))
         x = self.proj(x)
         if self.norm is not None:
             b, c, h, w = x.shape
@@ -310,7 +318,7 @@ class SwinTransformer(nn.Module):
             out, x, h_next, w_next = layer(x, h, w)
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(out)
-                outs[str(i)] = out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+                outs[str(i)] = out.view(out.shape[0], h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
             h, w = h_next, w_next
         return outs
 

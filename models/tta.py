@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import box_iou
 
 from datasets.tta import describe_scales, tta_scales, view_to_input
-from datasets.transforms import UPSTREAM_MAX_SIZE, evaluation_size
+from datasets.transforms import eval_resize
 from util.misc import nested_tensor_from_tensor_list
 
 # a voted-away detection stays, rescored by (1 - IoU with the group's best), when its new score reaches this
@@ -103,7 +103,7 @@ class TestTimeAugmentation:
     def from_args(cls, args, postprocess):
         """From main.py's --tta flags (checked beforehand by util.arguments.tta_problems)."""
         return cls(postprocess, args.tta_flip, args.tta_vote_iou, args.tta_max_dets, tta_scales(args),
-                   evaluation_size(args.train_scales, args.val_scale), args.max_size or UPSTREAM_MAX_SIZE)
+                   *eval_resize(args.train_scales, args.max_size, args.val_scale))
 
     def __repr__(self):
         passes = (1 + len(self.scales)) * (2 if self.flip else 1)

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from torch import nn
 
-from .swin_transformer import PatchEmbed, window_partition, window_reverse
+from .swin_transformer import PatchEmbed, padded_to_windows, window_partition, window_reverse
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def relative_position_embeddings(table, size):
     """[size (query), size (key), C] embeddings of the offsets query - key, from a learned table [L, C] made for
     L = 2 * size - 1 offsets (linearly resized when L differs)."""
     length = 2 * size - 1
-    if table.shape[0] != length:
+    if table.shape[0] != length or torch.compiler.is_exporting():  # an exported graph resizes for every size
         table = F.interpolate(table.t()[None], size=length, mode="linear")[0].t()  # [C, L] resized, back to [L', C]
     offsets = torch.arange(size, device=table.device)
     return table[offsets[:, None] - offsets[None, :] + size - 1]
@@ -73,7 +73,7 @@ def grid_position_embedding(pos_embed, h, w):
     grid = pos_embed[:, 1:]
     n = math.isqrt(grid.shape[1])
     grid = grid.reshape(1, n, n, -1)
-    if (n, n) != (h, w):
+    if (n, n) != (h, w) or torch.compiler.is_exporting():  # an exported graph resizes for every size
         grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1)
     return grid
@@ -119,11 +119,11 @@ class Block(nn.Module):
         x = self.norm1(x)
         ws = self.window_size
         if ws:
-            h, w = x.shape[1:3]
-            x = F.pad(x, (0, 0, 0, (-w) % ws, 0, (-h) % ws))  # zero tokens at the bottom/right
-            hp, wp = x.shape[1:3]
+            b, h, w = x.shape[:3]
+            hp, wp = padded_to_windows(h, ws), padded_to_windows(w, ws)
+            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))  # zero tokens at the bottom/right
             x = self.attn(window_partition(x, ws))  # [B * windows, ws, ws, C]
-            x = window_reverse(x, ws, hp, wp)[:, :h, :w]
+            x = window_reverse(x, ws, hp, wp, b)[:, :h, :w]
         else:
             x = self.attn(x)
         x = shortcut + self.drop_path(x)

@@ -10,7 +10,10 @@ import torch
 
 from datasets import build_dataset
 from datasets.synthetic import make_synthetic_coco
+from main import get_args_parser
+from models import build_model
 from util.checkpoint import save_checkpoint
+from util.config_script import main_arguments
 
 from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
@@ -51,7 +54,7 @@ def test_detections_equal_evaluation_on_the_same_image(data, tmp_path, capsys):
     image, target = dataset[0]
     model.eval()  # the one-to-one queries, as evaluation runs them
     with torch.no_grad():
-        expected = TOOL["build_model"](args)[2]["bbox"](model([image]), target["orig_size"][None])[0]
+        expected = build_model(args)[2]["bbox"](model([image]), target["orig_size"][None])[0]
     first = next(r for r in results if r["file"].endswith(dataset.coco.imgs[dataset.ids[0]]["file_name"]))
     assert (first["height"], first["width"]) == tuple(target["orig_size"].tolist())
     torch.testing.assert_close(torch.tensor([d["box"] for d in first["detections"]]), expected["boxes"],
@@ -82,7 +85,7 @@ def test_tta_detections_equal_the_evaluation_path(data, tmp_path):
     dataset = build_dataset("val", args)
     samples, targets, views = collate_views([dataset[0]])
     model.eval()
-    post = TOOL["build_model"](args)[2]["bbox"]
+    post = build_model(args)[2]["bbox"]
     with torch.no_grad():
         identity = post(model(samples), targets[0]["orig_size"][None])
         expected = TestTimeAugmentation.from_args(args, post)(model, samples, targets, identity, views)[0]
@@ -120,7 +123,7 @@ def test_upstream_style_checkpoint_and_flag_overrides(data, tmp_path):
     old = {k: v for k, v in vars(saved["args"]).items() if k not in ("num_classes", "val_scale", "max_size")}
     saved["args"] = argparse.Namespace(**old)
     torch.save(saved, tmp_path / "upstream_style.pth")
-    model_args = TOOL["main_arguments"](TOOL["get_args_parser"](), ["--topk", "3", "--device", "cpu"],
+    model_args = main_arguments(get_args_parser(), ["--topk", "3", "--device", "cpu"],
                                         saved=saved["args"])
     assert model_args.topk == 3 and model_args.hidden_dim == 32 and model_args.val_scale is None
     with pytest.raises(RuntimeError, match="class_embed"):  # 91 COCO classes by default, the file has 7

@@ -3,12 +3,16 @@
 
     python tools/infer.py --resume exps/run/checkpoint.pth --images photo.jpg photos/ --out detections/
                           [--threshold 0.3] [--no_draw] [--config configs/...sh] [main.py flags]
+    python tools/infer.py --onnx model.onnx --images photo.jpg photos/ --out detections/ [--threshold 0.3]
 
 The model is built from the arguments saved in the checkpoint (else from --config), overridden by main.py flags
 given here (e.g. --device cpu), and run as evaluation runs it: one-to-one queries, the validation resize
 (--val_scale / --max_size), or with --tta the multi-scale test of `main.py --eval --tta` (same flags, same code).
 Boxes are in the pixels of each original image. Category names come from the annotation file under --coco_path
 when there is one. An image that cannot be read is reported and skipped.
+
+With --onnx, a file written by tools/export_onnx.py runs in onnxruntime, with numpy and PIL: torch is not
+imported. The resize, --topk and the category names are those written into the file at export.
 """
 import argparse
 import json
@@ -19,19 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
 
-from datasets.coco import COCO_SPLITS, decode_image, read_bytes, transform_options  # noqa: E402
-from datasets.transforms import make_coco_transforms  # noqa: E402
-from datasets.tta import MultiScaleViews  # noqa: E402
-from main import check_device, get_args_parser  # noqa: E402
-from models import build_model  # noqa: E402
-from models.tta import TestTimeAugmentation  # noqa: E402
-from util.arguments import tta_problems  # noqa: E402
-from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
-from util.config_script import main_arguments  # noqa: E402
-from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+from util.image_io import decode_image, read_bytes  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -45,6 +39,8 @@ def infer_args_parser():
     parser.add_argument("--no_draw", action="store_true", help="write detections.json only")
     parser.add_argument("--config", default=None, help="config script whose main.py flags build the model "
                                                        "(when the checkpoint carries no arguments)")
+    parser.add_argument("--onnx", default=None, help="run this exported model (tools/export_onnx.py) with "
+                                                     "onnxruntime instead of a checkpoint")
     return parser
 
 
@@ -78,32 +74,64 @@ def drawing_names(paths):
     return names
 
 
-def category_names(args):
-    """{category id: name} from the annotation file under --coco_path, or {} when there is none."""
-    for _, ann_file in (COCO_SPLITS["val"], COCO_SPLITS["train"]):
-        path = Path(args.coco_path) / ann_file
-        if path.is_file():
-            return {int(c["id"]): c["name"] for c in json.loads(path.read_text()).get("categories", [])}
-    return {}
-
-
-@torch.no_grad()
-def detect(model, postprocess, transform, image, device, threshold, tta=None):
-    """Detections of one PIL image: a list of {"label", "score", "box"} (xyxy pixels), best first. With `tta` (a
-    TestTimeAugmentation; `transform` then a MultiScaleViews) the passes of every scale are merged."""
-    tensor, target = transform(image, {})
-    tensor, views = tensor if tta is not None else (tensor, None)
-    width, height = image.size
-    samples = nested_tensor_from_tensor_list([tensor.to(device)])
-    outputs = model(samples)  # eval mode: the one-to-one queries
-    orig_size = torch.tensor([height, width], device=device)
-    result = postprocess(outputs, orig_size[None])[0]
-    if tta is not None:
-        target = {"size": target["size"].to(device), "orig_size": orig_size}
-        result = tta(model, samples, [target], [result], [views])[0]
-    keep = result["scores"] >= threshold
+def format_detections(scores, labels, boxes, threshold):
+    """[{"label", "score", "box"}] (xyxy pixels) of one image's top-k detections scoring at least `threshold`."""
     return [{"label": int(label), "score": round(float(score), 4), "box": [round(float(v), 1) for v in box]}
-            for score, label, box in zip(result["scores"][keep], result["labels"][keep], result["boxes"][keep])]
+            for score, label, box in zip(scores, labels, boxes) if score >= threshold]
+
+
+def checkpoint_detector(args, rest):
+    """(detect: PIL image -> (scores, labels, boxes), {category id: name}) of the model rebuilt from --resume; with
+    --tta the passes of every scale (and flip) merged as `main.py --eval --tta` merges them."""
+    import torch
+
+    from datasets.coco import category_names, transform_options
+    from datasets.transforms import make_coco_transforms
+    from datasets.tta import MultiScaleViews
+    from models.tta import TestTimeAugmentation
+    from util.arguments import tta_problems
+    from util.misc import nested_tensor_from_tensor_list
+    from util.trained_model import trained_model
+
+    model, postprocessors, model_args = trained_model(rest, args.config)
+    problems = tta_problems(model_args)
+    if problems:
+        raise ValueError("bad flag values: " + "; ".join(problems))
+    device = torch.device(model_args.device)
+    transform = make_coco_transforms("val", **transform_options(model_args))
+    tta = TestTimeAugmentation.from_args(model_args, postprocessors["bbox"]) if model_args.tta else None
+    if tta is not None:
+        transform = MultiScaleViews(transform, tta.scales)
+        print(tta)
+
+    @torch.no_grad()
+    def detect(image):
+        tensor, target = transform(image, {})
+        tensor, views = tensor if tta is not None else (tensor, None)
+        samples = nested_tensor_from_tensor_list([tensor.to(device)])
+        outputs = model(samples)  # eval mode: the one-to-one queries
+        orig_size = torch.tensor([image.height, image.width], device=device)
+        result = postprocessors["bbox"](outputs, orig_size[None])[0]
+        if tta is not None:
+            target = {"size": target["size"].to(device), "orig_size": orig_size}
+            result = tta(model, samples, [target], [result], [views])[0]
+        return result["scores"].cpu(), result["labels"].cpu(), result["boxes"].cpu()
+
+    return detect, category_names(model_args.coco_path)
+
+
+def onnx_detector(args, rest):
+    """(detect, names) of an exported model run by onnxruntime; nothing here imports torch."""
+    from util.onnx_runtime import OnnxDetector
+
+    if rest:
+        raise ValueError(f"--onnx runs the exported model as it is: main.py flags do not apply (got {' '.join(rest)})")
+    if args.config:
+        raise ValueError("--onnx runs the exported model as it is: --config does not apply")
+    if not Path(args.onnx).is_file():
+        raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
+    detector = OnnxDetector(args.onnx)
+    return (lambda image: detector.detect([image])[0]), detector.names
 
 
 def draw(image, detections, names):
@@ -122,30 +150,8 @@ def main(argv=None):
     args, rest = infer_args_parser().parse_known_args(argv)
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold is a score in [0, 1], got {args.threshold}")
-    resume = get_args_parser().parse_known_args(rest)[0].resume
-    if not resume:
-        raise ValueError("pass the trained model with --resume <checkpoint>")
-    checkpoint = load_checkpoint(resume)
-    model_args = main_arguments(get_args_parser(), rest, args.config, checkpoint.get("args"))
-    problems = tta_problems(model_args)
-    if problems:
-        raise ValueError("bad flag values: " + "; ".join(problems))
-    check_device(model_args)
-    device = torch.device(model_args.device)
+    detect, names = onnx_detector(args, rest) if args.onnx else checkpoint_detector(args, rest)
     paths = image_paths(args.images)
-
-    model, _, postprocessors = build_model(model_args)
-    weights, averaged = evaluation_weights(checkpoint)
-    load_model_state(model, weights, resume, model_args)
-    if averaged:
-        print(f"using the weight average (model_ema) of {resume}")
-    model.to(device).eval()
-    transform = make_coco_transforms("val", **transform_options(model_args))
-    tta = TestTimeAugmentation.from_args(model_args, postprocessors["bbox"]) if model_args.tta else None
-    if tta is not None:
-        transform = MultiScaleViews(transform, tta.scales)
-        print(tta)
-    names = category_names(model_args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +163,7 @@ def main(argv=None):
             skipped.append(str(path))
             print(f"skipped {path}: {err}", file=sys.stderr)
             continue
-        detections = detect(model, postprocessors["bbox"], transform, image, device, args.threshold, tta)
+        detections = format_detections(*detect(image), args.threshold)
         for det in detections:
             if det["label"] in names:
                 det["name"] = names[det["label"]]
@@ -175,5 +181,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, ImportError) as err:
         sys.exit(f"infer: {err}")

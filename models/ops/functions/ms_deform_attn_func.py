@@ -14,6 +14,26 @@ COMPILED_CPU_DTYPES = (torch.float32, torch.float64)
 _forced = {"pytorch_path": False}
 
 
+def spatial_shapes_tensor(sizes, device=None):
+    """The [L, 2] long tensor of the levels' (H_l, W_l) `sizes`; it remembers `sizes`, which level_sizes() then
+    returns without reading the tensor (under torch.export the sizes stay symbolic instead of data-dependent)."""
+    sizes = [(h, w) for h, w in sizes]
+    if all(isinstance(v, int) for size in sizes for v in size):
+        spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)
+    else:  # symbolic sizes (torch.export): computed in the graph, as torch.as_tensor would fix them to constants
+        spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(v, dtype=torch.long, device=device)
+                                                   for v in size]) for size in sizes])
+    spatial_shapes.level_sizes = sizes
+    return spatial_shapes
+
+
+def level_sizes(spatial_shapes):
+    """[(H_l, W_l)] of a [L, 2] spatial-shapes tensor: the sizes spatial_shapes_tensor() made it from, else its
+    values."""
+    sizes = getattr(spatial_shapes, "level_sizes", None)
+    return sizes if sizes is not None else [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
     """Bilinearly sample every level at the given locations and sum the samples with the attention weights.
 
@@ -26,7 +46,7 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
     """
     n, _, heads, channels = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in value_spatial_shapes.tolist()]
+    shapes = level_sizes(value_spatial_shapes)
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample expects [-1, 1]
     sampled = []

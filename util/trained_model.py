@@ -1,0 +1,31 @@
+"""The model of a trained checkpoint, rebuilt as tools/infer.py, export_onnx.py and benchmark_onnx.py run it."""
+
+
+def trained_model(flags, config=None, device=None):
+    """(model in eval mode on its device, its postprocessors, its main.py arguments) of the --resume in `flags`.
+
+    The model is built from the arguments saved in the checkpoint (else from the config script `config`),
+    overridden by `flags`; `device` replaces --device (and turns off --use_fp16, which needs CUDA). A checkpoint with
+    a weight average (--model_ema) gives the average, as evaluation does.
+    """
+    import torch
+
+    from main import check_device, get_args_parser
+    from models import build_model
+    from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
+    from util.config_script import main_arguments
+
+    resume = get_args_parser().parse_known_args(flags)[0].resume
+    if not resume:
+        raise ValueError("pass the trained model with --resume <checkpoint>")
+    checkpoint = load_checkpoint(resume)
+    model_args = main_arguments(get_args_parser(), flags, config, checkpoint.get("args"))
+    if device is not None:
+        model_args.device, model_args.use_fp16 = device, False
+    check_device(model_args)
+    model, _, postprocessors = build_model(model_args)
+    weights, averaged = evaluation_weights(checkpoint)
+    load_model_state(model, weights, resume, model_args)
+    if averaged:
+        print(f"using the weight average (model_ema) of {resume}")
+    return model.to(torch.device(model_args.device)).eval(), postprocessors, model_args
