@@ -22,8 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from datasets.coco import category_names, transform_options  # noqa: E402
 from datasets.transforms import eval_resize  # noqa: E402
 from models.onnx_export import (CHECK_TOLERANCE, EXAMPLE_SIZE, MIN_EXAMPLE_SIDE, check_export,  # noqa: E402
@@ -83,7 +81,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     try:
         sys.exit(main())
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ImportError) as err:
