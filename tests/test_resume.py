@@ -208,21 +208,22 @@ def torchrun(coco, out, *extra):
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_two_processes_stop_on_a_signal_and_resume_exactly(coco, tmp_path):
+    # 4 epochs, so that the signal surely lands in training on a fast machine (the tiny run takes seconds)
     reference = tmp_path / "reference"
-    process = torchrun(coco, reference)
+    process = torchrun(coco, reference, "--epochs", 4)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
     out = tmp_path / "interrupted"
-    process = torchrun(coco, out, "--save_every_iters", 3)
+    process = torchrun(coco, out, "--epochs", 4, "--save_every_iters", 3)
     wait_for_iterations(process, out, 5)
     os.killpg(process.pid, signal.SIGTERM)  # what SLURM does: every process gets it
     output = process.communicate(timeout=300)[0]
     assert "received SIGTERM: stopped after epoch" in output, output[-3000:]
     assert len(load_checkpoint(out / "checkpoint.pth")["in_epoch"]["random"]) == 2  # both processes' states
-    process = torchrun(coco, out, "--save_every_iters", 3, "--auto_resume")
+    process = torchrun(coco, out, "--epochs", 4, "--save_every_iters", 3, "--auto_resume")
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
-    assert losses(out) == losses(reference) and len(losses(out)) == 8  # 4 iterations of batch 1 per process
+    assert losses(out) == losses(reference) and len(losses(out)) == 16  # 4 epochs of 4 iterations (batch 1 x 2)
     assert epoch_lines(out / "log.txt") == epoch_lines(reference / "log.txt")
 
 
