@@ -13,7 +13,7 @@
 # Every other argument goes to main.py in both runs (the one2one run then gets --num_queries_one2many 0 after
 # them). Runs land in DIR/<hybrid|one2one>_seed<S> (log.txt, console.txt, wall_time.txt: the seconds of the whole
 # main.py process), the table in DIR/table.txt, the figure in DIR.png; earlier runs in DIR are deleted first.
-# python tools/compare_hybrid.py DIR redraws the table and the figure. About 21 min with the defaults on an idle
+# python tools/compare_hybrid.py DIR redraws the table and the figure. About 19 min with the defaults on an idle
 # 2-core CPU; on a busy machine, OMP_NUM_THREADS=1 bash tools/compare_hybrid.sh ... is much faster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
