@@ -345,7 +345,8 @@ def test_finetune_a_coco_checkpoint_on_the_synthetic_data(coco, coco91_checkpoin
 # ------------------------------------------------------------------------------------------ the tools
 
 
-@pytest.mark.parametrize("tool", ["infer", "benchmark"])
+# the ONNX tools too: their --help needs no onnx package
+@pytest.mark.parametrize("tool", ["infer", "benchmark", "export_onnx", "benchmark_onnx"])
 def test_tool_help_prints_help(tool):
     result = subprocess.run([sys.executable, f"tools/{tool}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
