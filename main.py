@@ -427,3 +427,5 @@ if __name__ == "__main__":
     except Preempted as stopped:
         print(stopped, flush=True)
         sys.exit(128 + stopped.signum)  # the shell's convention for "ended by this signal"
+    finally:
+        utils.close_distributed_mode()

@@ -191,6 +191,12 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
+def close_distributed_mode():
+    """End the process group, if one was started: left to interpreter exit, gloo's threads can abort the process."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
 def all_gather(data):
     """Gather any picklable object from every process; returns the list in rank order."""
     if get_world_size() == 1:
