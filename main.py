@@ -426,6 +426,6 @@ if __name__ == "__main__":
         main(parsed)
     except Preempted as stopped:
         print(stopped, flush=True)
-        sys.exit(128 + stopped.signum)  # the shell's convention for "ended by this signal"
-    finally:
         utils.close_distributed_mode()
+        sys.exit(128 + stopped.signum)  # the shell's convention for "ended by this signal"
+    utils.close_distributed_mode()  # after a clean end only: after an error, other processes may be mid-collective

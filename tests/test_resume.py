@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import engine
+import util.preemption
 import main as project_main
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import load_checkpoint, save_checkpoint
+from util.preemption import Preemption
 from util.training_state import ITERATION_LOG
 
 from model_helpers import ROOT
@@ -207,6 +209,24 @@ def torchrun(coco, out, *extra):
                             text=True, start_new_session=True)
 
 
+def test_a_signal_during_the_stop_collective_is_kept_for_the_next_iteration(monkeypatch):
+    preemption = Preemption()
+    reduced = []
+
+    def all_reduce(flag, op):  # the other process has no signal; this one's arrives while the collective runs
+        reduced.append(int(flag.item()))
+        if len(reduced) == 1:
+            signal.raise_signal(signal.SIGUSR1)
+
+    monkeypatch.setattr(util.preemption, "is_dist_avail_and_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with preemption.handling():
+        assert not preemption.requested()  # the others had none when it began: nobody stops after this iteration
+        assert preemption.requested() and preemption.name == "SIGUSR1"  # all stop after the next one
+    assert reduced == [0, signal.SIGUSR1]
+
+
 def process_tree(pid):
     """pid and all its descendants (Linux /proc)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
@@ -226,8 +246,8 @@ def test_two_processes_stop_on_a_signal_and_resume_exactly(coco, tmp_path):
     out = tmp_path / "interrupted"
     process = torchrun(coco, out, "--epochs", 4, "--save_every_iters", 3)
     wait_for_iterations(process, out, 2)
-    # what SLURM does: every process of the job gets it. torchrun starts its workers in sessions of their own, so
-    # its process group is torchrun alone, and what torchrun passed on once came after the seconds-long run ended.
+    # what SLURM does: every process of the job gets it (torchrun starts its workers in sessions of their own, so
+    # its process group is torchrun alone)
     for pid in process_tree(process.pid):
         os.kill(pid, signal.SIGTERM)
     output = process.communicate(timeout=300)[0]

@@ -46,13 +46,17 @@ class Preemption:
                 signal.signal(number, handler)
 
     def requested(self):
-        """True when this or any other process received a stop signal (a collective in a distributed run)."""
-        if is_dist_avail_and_initialized():
-            flag = torch.tensor([self.signum], dtype=torch.int64,
-                                device=self.device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = int(flag.item())
-        return self.signum != 0
+        """True when this or any other process received a stop signal (a collective in a distributed run: every
+        process gets the same answer, so all stop after the same iteration)."""
+        if not is_dist_avail_and_initialized():
+            return self.signum != 0
+        flag = torch.tensor([self.signum], dtype=torch.int64,
+                            device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reduced = int(flag.item())
+        # a signal that came during the collective is kept for the next call, not overwritten by the 0 reduced
+        self.signum = self.signum or reduced
+        return reduced != 0
 
     @property
     def name(self):
