@@ -7,8 +7,10 @@
 - the per-image matching costs against upstream's batched cost matrix, repeated targets costed once;
 - the focal loss and the paired GIoU against upstream's expressions (and the diagonal of the pairwise GIoU);
 - the whole model (box-head outputs reused, all the above) against models.fast_paths.upstream_operation_order():
-  every output, loss term and parameter gradient, on padded batches.
+  every output, loss term and parameter gradient, on padded batches; and three training steps with the fused
+  AdamW kernel against upstream's order with the plain AdamW loop.
 """
+import contextlib
 import copy
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 
 import models.attention
 import models.ops.modules.ms_deform_attn as msda_module
+from main import build_optimizer
 from models import fast_paths
 from models.attention import group_attention_mask, grouped_self_attention, query_self_attention
 from models.criterion import sigmoid_focal_loss, weighted_losses
@@ -307,6 +310,37 @@ def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
             ref_evaluated = _flat(model(imgs))
     for key in ref_evaluated:
         torch.testing.assert_close(evaluated[key], ref_evaluated[key], **TOL, msg=key)
+
+
+def test_training_steps_with_the_fused_optimizer_equal_upstreams_in_float64():
+    """Three training steps (gradient clipping, AdamW's moments, the backbone's batch statistics): the fast paths
+    and the fused AdamW kernel against upstream's operation order and the plain AdamW loop."""
+    model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18"])
+    model.double()
+    perturb(model, scale=0.1)
+    model.train()
+    batches = [([im.double() for im in images([(64, 96), (80, 64)], seed=seed)],
+                [{k: v.double() if v.is_floating_point() else v for k, v in t.items()}
+                 for t in targets([3, 2], seed=seed)]) for seed in range(3)]
+
+    def train(fast):
+        trained = copy.deepcopy(model)
+        optimizer = build_optimizer(args, trained)[0]
+        assert all(group["fused"] for group in optimizer.param_groups)
+        if not fast:
+            for group in optimizer.param_groups:
+                group.update(fused=None, foreach=False)
+        for imgs, tgts in batches:
+            with contextlib.nullcontext() if fast else fast_paths.upstream_operation_order():
+                _train_step(trained, criterion, args, imgs, tgts)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_max_norm)
+            optimizer.step()
+        return trained.state_dict()
+
+    fast, upstream = train(fast=True), train(fast=False)
+    assert not torch.equal(upstream["class_embed.0.bias"], model.state_dict()["class_embed.0.bias"])  # it trained
+    for key in upstream:
+        torch.testing.assert_close(fast[key], upstream[key], **TOL, msg=key)
 
 
 def test_upstream_operation_order_is_restored_after_the_block():
