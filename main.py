@@ -424,8 +424,9 @@ if __name__ == "__main__":
         parser.error("; ".join(problems))
     try:
         main(parsed)
+        exit_code = 0
     except Preempted as stopped:
         print(stopped, flush=True)
-        utils.close_distributed_mode()
-        sys.exit(128 + stopped.signum)  # the shell's convention for "ended by this signal"
+        exit_code = 128 + stopped.signum  # the shell's convention for "ended by this signal"
     utils.close_distributed_mode()  # after a clean end only: after an error, other processes may be mid-collective
+    sys.exit(exit_code)

@@ -18,7 +18,6 @@ import util.preemption
 import main as project_main
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import load_checkpoint, save_checkpoint
-from util.preemption import Preemption
 from util.training_state import ITERATION_LOG
 
 from model_helpers import ROOT
@@ -210,7 +209,7 @@ def torchrun(coco, out, *extra):
 
 
 def test_a_signal_during_the_stop_collective_is_kept_for_the_next_iteration(monkeypatch):
-    preemption = Preemption()
+    preemption = util.preemption.Preemption()
     reduced = []
 
     def all_reduce(flag, op):  # the other process has no signal; this one's arrives while the collective runs

@@ -192,7 +192,7 @@ def init_distributed_mode(args):
 
 
 def close_distributed_mode():
-    """End the process group, if one was started: left to interpreter exit, gloo's threads can abort the process."""
+    """End the process group, if one was started (torch's documented end of a distributed run)."""
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
 
