@@ -3,7 +3,7 @@
 - the compiled CPU deformable-attention op against the grid_sample path (points on, between and off the pixel
   grid, outside every border, padded values), forward and the three gradients;
 - query self-attention as one dense attention per group against nn.MultiheadAttention with the hybrid mask;
-- sampling locations written as one addcdiv / addcmul against upstream's expressions;
+- sampling locations written as one addcdiv / addcmul (over [.., P * 2]) against upstream's expressions;
 - the per-image matching costs against upstream's batched cost matrix, repeated targets costed once;
 - the focal loss and the paired GIoU against upstream's expressions (and the diagonal of the pairwise GIoU);
 - the whole model (box-head outputs reused, all the above) against models.fast_paths.upstream_operation_order():
