@@ -9,6 +9,13 @@ from torch import nn
 from ..functions import ms_deform_attn
 
 
+def _per_point(pair, n_points):
+    """[N, Lq, L, 2] -> [N, Lq, 1, L, P * 2]: each level's (x, y) repeated for the P points."""
+    n, num_queries, levels, _ = pair.shape
+    return pair[:, :, None, :, None, :].expand(n, num_queries, 1, levels, n_points, 2).reshape(
+        n, num_queries, 1, levels, n_points * 2)
+
+
 class MSDeformAttn(nn.Module):
     """Each query attends to n_points sampled locations per head and level around its reference point/box.
 
@@ -79,22 +86,18 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, num_queries, self.n_heads, self.n_levels, self.n_points)
 
-        def per_point(pair):  # [N, Lq, L, 2] -> [N, Lq, 1, L, P * 2]: the pair repeated for every point
-            expanded = pair[:, :, None, :, None, :].expand(n, num_queries, 1, self.n_levels, self.n_points, 2)
-            return expanded.reshape(n, num_queries, 1, self.n_levels, pairs)
-
         # sampling locations [N, Lq, M, L, P * 2]
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l); normalizer [L, P * 2]
             normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
             normalizer = normalizer.to(offsets.dtype)[:, None, :].expand(-1, self.n_points, 2).reshape(-1, pairs)
             # reference + offsets / normalizer, in one pass
-            locations = torch.addcdiv(per_point(reference_points), offsets, normalizer)
+            locations = torch.addcdiv(_per_point(reference_points, self.n_points), offsets, normalizer)
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the reference box: half its size reached by the farthest point
             # reference centre + offsets / n_points * size * 0.5, in one pass over the large tensor
-            locations = torch.addcmul(per_point(reference_points[..., :2]), offsets / self.n_points,
-                                      per_point(reference_points[..., 2:] * 0.5))
+            locations = torch.addcmul(_per_point(reference_points[..., :2], self.n_points), offsets / self.n_points,
+                                      _per_point(reference_points[..., 2:] * 0.5, self.n_points))
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         locations = locations.view(n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
