@@ -80,7 +80,7 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, num_values, self.n_heads, self.d_model // self.n_heads)
         # offsets [N, Lq, M, L, P * 2]: the points' (x, y) pairs side by side, so that the elementwise kernels
         # below run over a long contiguous last dimension (over a last dimension of 2, broadcast, the CPU kernels
-        # are about 3x slower); the operations and so the values are the same as in the [.., P, 2] layout
+        # are 2-4x slower); the operations and so the values are the same as in the [.., P, 2] layout
         pairs = self.n_points * 2
         offsets = self.sampling_offsets(query).view(n, num_queries, self.n_heads, self.n_levels, pairs)
         weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
