@@ -12,6 +12,7 @@ from models.ops.functions.ms_deform_attn_func import level_sizes, spatial_shapes
 from models.ops.modules import MSDeformAttn
 
 from .attention import query_self_attention
+from .feed_forward import feed_forward
 
 
 def _clones(module, n):
@@ -52,7 +53,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward_ffn(self, src):
-        src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        src2 = feed_forward(self.linear1, self.linear2, self.activation, self.dropout2, src)
         return self.norm2(src + self.dropout3(src2))
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
@@ -113,7 +114,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward_ffn(self, tgt):
-        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        tgt2 = feed_forward(self.linear1, self.linear2, self.activation, self.dropout3, tgt)
         return self.norm3(tgt + self.dropout4(tgt2))
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,

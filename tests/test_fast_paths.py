@@ -6,6 +6,7 @@
 - sampling locations written as one addcdiv / addcmul (over [.., P * 2]) against upstream's expressions;
 - the per-image matching costs against upstream's batched cost matrix, repeated targets costed once;
 - the focal loss and the paired GIoU against upstream's expressions (and the diagonal of the pairwise GIoU);
+- the layers' feed-forward block with its ReLU in place against linear2(relu(linear1(x)));
 - the whole model (box-head outputs reused, all the above) against models.fast_paths.upstream_operation_order():
   every output, loss term and parameter gradient, on padded batches; and three training steps with the fused
   AdamW kernel against upstream's order with the plain AdamW loop.
@@ -22,6 +23,7 @@ from main import build_optimizer
 from models import fast_paths
 from models.attention import group_attention_mask, grouped_self_attention, query_self_attention
 from models.criterion import sigmoid_focal_loss, weighted_losses
+from models.feed_forward import feed_forward
 from models.matcher import HungarianMatcher
 from models.ops.functions import ms_deform_attn_core_pytorch
 from models.ops.functions import ms_deform_attn_func
@@ -428,3 +430,58 @@ def test_paired_giou_is_the_diagonal_of_the_pairwise_giou_in_float64():
     grad = torch.randn(12, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(ours, boxes, grad)[0], torch.autograd.grad(theirs, boxes, grad)[0],
                                rtol=0, atol=1e-14)
+
+
+def _graph_nodes(tensor):
+    """Names of the autograd nodes behind tensor."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def _feed_forward_block(dropout=0.0, seed=10):
+    gen = torch.Generator().manual_seed(seed)
+    linear1, linear2 = torch.nn.Linear(6, 16).double(), torch.nn.Linear(16, 6).double()
+    for param in [*linear1.parameters(), *linear2.parameters()]:
+        param.data = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
+    x[0, 0] = 0
+    linear1.bias.data[:5] = 0  # a row whose first five hidden units sit exactly on ReLU's kink
+    return linear1, linear2, torch.nn.Dropout(dropout), x
+
+
+@pytest.mark.parametrize("trainable", ["all", "input only", "weights only"])
+def test_feed_forward_equals_linear_relu_linear_in_float64(trainable):
+    linear1, linear2, dropout, x = _feed_forward_block()
+    params = [*linear1.parameters(), *linear2.parameters()]
+    for param in params:
+        param.requires_grad_(trainable != "input only")
+    x.requires_grad_(trainable != "weights only")
+    inputs = [t for t in [x, *params] if t.requires_grad]
+    ours = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+    assert "ReluBackward0" not in _graph_nodes(ours)  # the in-place path ran, not autograd's Linear/ReLU/Linear
+    theirs = linear2(torch.nn.functional.relu(linear1(x)))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x), theirs,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_feed_forward_keeps_upstreams_computation_with_dropout_or_another_activation():
+    linear1, linear2, dropout, x = _feed_forward_block(dropout=0.5)
+    torch.manual_seed(3)
+    ours = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+    torch.manual_seed(3)
+    assert torch.equal(ours, linear2(dropout(torch.nn.functional.relu(linear1(x)))))
+    gelu = feed_forward(linear1, linear2, torch.nn.functional.gelu, dropout.eval(), x)
+    assert torch.equal(gelu, linear2(torch.nn.functional.gelu(linear1(x))))
+    with fast_paths.upstream_operation_order():
+        assert "ReluBackward0" in _graph_nodes(feed_forward(linear1, linear2, torch.nn.functional.relu,
+                                                            dropout.eval(), x.requires_grad_()))

@@ -1,0 +1,59 @@
+"""The feed-forward block of the transformer layers, linear2(dropout(activation(linear1(x)))), and a faster form of
+it for ReLU without dropout that computes the same function with fewer fresh buffers."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import fast_paths
+
+
+class _ReluFeedForward(torch.autograd.Function):
+    """linear2(relu(linear1(x))) on x [T, C], with the ReLU applied in place to linear1's output and its gradient
+    masked in place: the same operations as autograd's Linear / ReLU / Linear nodes, without a second buffer
+    of the hidden size [T, F] in the forward and in the backward (on the CPU every such buffer is mapped and
+    page-faulted afresh)."""
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2):
+        hidden = torch.addmm(bias1, x, weight1.t()).relu_()  # [T, F]
+        ctx.save_for_backward(x, weight1, weight2, hidden)
+        return torch.addmm(bias2, hidden, weight2.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight1, weight2, hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_w2:
+            grad_w2 = grad_out.t().mm(hidden)
+        if need_b2:
+            grad_b2 = grad_out.sum(0)
+        if need_x or need_w1 or need_b1:
+            grad_hidden = grad_out.mm(weight2)  # [T, F]
+            # ReLU's backward (zero where the output is not positive), written into grad_hidden itself
+            torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0, grad_input=grad_hidden)
+            if need_x:
+                grad_x = grad_hidden.mm(weight1)
+            if need_w1:
+                grad_w1 = grad_hidden.t().mm(x)
+            if need_b1:
+                grad_b1 = grad_hidden.sum(0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _fast_path_applies(linear1, linear2, activation, dropout, x):
+    return (fast_paths.enabled() and activation is F.relu and not (dropout.training and dropout.p > 0)
+            and linear1.bias is not None and linear2.bias is not None
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting())
+
+
+def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn.Dropout, x):
+    """linear2(dropout(activation(linear1(x)))) for x [..., C]; with ReLU and no active dropout (upstream's
+    --dropout 0, or evaluation) the same function computed in place where autograd allows."""
+    if not _fast_path_applies(linear1, linear2, activation, dropout, x):
+        return linear2(dropout(activation(linear1(x))))
+    if not torch.is_grad_enabled():
+        return linear2(F.relu(linear1(x), inplace=True))
+    out = _ReluFeedForward.apply(x.reshape(-1, x.shape[-1]), linear1.weight, linear1.bias, linear2.weight,
+                                 linear2.bias)  # [T, C] for x [..., C]
+    return out.view(*x.shape[:-1], out.shape[-1])
