@@ -10,8 +10,8 @@ from models import fast_paths
 class _ReluFeedForward(torch.autograd.Function):
     """linear2(relu(linear1(x))) on x [T, C], with the ReLU applied in place to linear1's output and its gradient
     masked in place: the same operations as autograd's Linear / ReLU / Linear nodes, without a second buffer
-    of the hidden size [T, F] in the forward and in the backward (on the CPU every such buffer is mapped and
-    page-faulted afresh)."""
+    of the hidden size [T, F] in the forward and in the backward (on the CPU, glibc maps a buffer over 32 MB
+    afresh for every allocation, and each of its pages is faulted in)."""
 
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
