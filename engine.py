@@ -14,8 +14,18 @@ from util.checkpoint import load_checkpoint, save_checkpoint
 from util.metric_logger import MetricLogger, SmoothedValue
 from util.misc import get_rank, get_total_grad_norm, is_dist_avail_and_initialized, is_main_process, reduce_dict
 from util.preemption import Preempted, Preemption
-from util.training_state import (ITERATION_LOG, LATEST, all_random_states, epoch_seed, prune_epoch_copies, read_log,
-                                 restore_random_states, resume_training_state, seed_everything, truncate_log)
+from util.training_state import (
+    ITERATION_LOG,
+    LATEST,
+    all_random_states,
+    epoch_seed,
+    prune_epoch_copies,
+    read_log,
+    restore_random_states,
+    resume_training_state,
+    seed_everything,
+    truncate_log,
+)
 
 
 def train_hybrid(outputs, targets, k_one2many, criterion, lambda_one2many):

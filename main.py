@@ -25,7 +25,12 @@ from util.arguments import argument_problems, check_args, size_range
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
-    epoch_seed, find_resume_checkpoint, remove_temporaries, resume_training_state, seed_everything)
+    epoch_seed,
+    find_resume_checkpoint,
+    remove_temporaries,
+    resume_training_state,
+    seed_everything,
+)
 
 
 def get_args_parser():

@@ -1,7 +1,8 @@
 """Dataset construction for training and evaluation."""
 from torch.utils.data import Subset
 
-from .coco import CocoDetection, build as build_coco, num_classes_from_annotations  # noqa: F401
+from .coco import CocoDetection, num_classes_from_annotations  # noqa: F401
+from .coco import build as build_coco
 
 SUPPORTED_DATASETS = ("coco",)
 

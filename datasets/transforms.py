@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from util.box_ops import box_xyxy_to_cxcywh
+
 # the resize rule and the normalisation live in util.image_io, shared with the torch-free ONNX runtime path
 from util.image_io import IMAGENET_MEAN, IMAGENET_STD, get_size_with_aspect_ratio  # noqa: F401
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from util.box_ops import refine_boxes
 from models.ops.functions.ms_deform_attn_func import level_sizes, spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
+from util.box_ops import refine_boxes
 
 from .attention import query_self_attention
 from .feed_forward import feed_forward

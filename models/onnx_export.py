@@ -16,8 +16,18 @@ import torch
 from torch import nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
-from util.onnx_runtime import (INPUTS, MAX_SIZE_KEY, NAMES_KEY, OUTPUTS, POSTPROCESS_INPUT, POSTPROCESS_OUTPUTS,
-                               TOPK_KEY, VAL_SCALE_KEY, OnnxDetector, import_onnxruntime)
+from util.onnx_runtime import (
+    INPUTS,
+    MAX_SIZE_KEY,
+    NAMES_KEY,
+    OUTPUTS,
+    POSTPROCESS_INPUT,
+    POSTPROCESS_OUTPUTS,
+    TOPK_KEY,
+    VAL_SCALE_KEY,
+    OnnxDetector,
+    import_onnxruntime,
+)
 
 from .ops.functions.ms_deform_attn_func import force_pytorch_path
 

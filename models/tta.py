@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from datasets.tta import describe_scales, tta_scales, view_to_input
 from datasets.transforms import eval_resize
+from datasets.tta import describe_scales, tta_scales, view_to_input
 from util.misc import nested_tensor_from_tensor_list
 
 # a voted-away detection stays, rescored by (1 - IoU with the group's best), when its new score reaches this

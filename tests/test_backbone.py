@@ -4,11 +4,10 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from model_helpers import SMALL, build, parse
 from torchvision.models._api import WeightsEnum
 
 from models.backbone import load_pretrained_backbone
-
-from model_helpers import SMALL, build, parse
 
 R18 = SMALL + ["--backbone", "resnet18"]
 R18_STEM = ("conv1.", "bn1.", "layer1.")

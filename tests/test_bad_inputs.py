@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from model_helpers import ROOT
 from PIL import Image
 
 import main as project_main
@@ -23,8 +24,6 @@ from datasets.synthetic import make_synthetic_coco
 from models import build_model
 from util.arguments import argument_problems
 from util.checkpoint import load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
-
-from model_helpers import ROOT
 
 TINY = [
     "--device", "cpu", "--backbone", "resnet18", "--no_pretrained_backbone", "--lr_backbone", "1e-4",
@@ -397,4 +396,5 @@ def test_synthetic_data_tool_refuses_negative_counts_and_bad_knobs(tmp_path):
     result = run("--num_train", "-1")
     assert result.returncode == 2 and "--num_train must be >= 0, got -1" in result.stderr
     result = run("--image_size", "8", "--num_train", "1", "--num_val", "1")
-    assert result.returncode == 1 and result.stderr.strip() == "make_synthetic_coco: image_size must be at least 16, got 8"
+    assert result.returncode == 1
+    assert result.stderr.strip() == "make_synthetic_coco: image_size must be at least 16, got 8"

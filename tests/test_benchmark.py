@@ -5,12 +5,11 @@ import sys
 
 import pytest
 import torch
+from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import save_checkpoint
 from util.config_script import read_config_script
-
-from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
 TOOL = runpy.run_path(str(ROOT / "tools" / "benchmark.py"))  # its functions, without running main
 FLAGS = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2"]
@@ -103,7 +102,8 @@ def test_config_script_errors(tmp_path):
     (tmp_path / "a.sh").write_text("echo hello\n")
     with pytest.raises(ValueError, match="not a config script"):
         read(tmp_path / "a.sh")
-    (tmp_path / "b.sh").write_text("EXP_DIR=exps/b\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n  --two_stage\n")
+    (tmp_path / "b.sh").write_text("EXP_DIR=exps/b\npython -u main.py \\\n"
+                                   "  --output_dir ${EXP_DIR} \\\n  --two_stage\n")
     with pytest.raises(ValueError, match="must end with"):
         read(tmp_path / "b.sh")
     (tmp_path / "c.sh").write_text("EXP_DIR=exps/c\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n  ${PY_ARGS}\n")

@@ -130,7 +130,7 @@ def test_image_without_annotations_crowd_and_clamping(root_copy):
     data = load_json(root_copy, "val")
     first, second = data["images"][0], data["images"][1]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first["id"]]
-    width, height = second["width"], second["height"]
+    width = second["width"]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != second["id"]] + [
         {"id": 1001, "image_id": second["id"], "category_id": 2, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 1},
         {"id": 1002, "image_id": second["id"], "category_id": 3, "bbox": [width - 10, -5, 30, 20], "area": 300,

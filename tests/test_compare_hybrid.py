@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from model_helpers import ROOT
 
 from util import compare_runs
-
-from model_helpers import ROOT
 
 # per variant, per seed: AP after each epoch (AP50 = AP + 0.2 in the logs below)
 HYBRID = [[0.10, 0.30, 0.50], [0.20, 0.40, 0.60], [0.30, 0.50, 0.70]]

@@ -199,7 +199,8 @@ def test_matches_reference_list():
 
 LAUNCH = REPO / "tools" / "run_dist_launch.sh"
 SLURM = REPO / "tools" / "run_dist_slurm.sh"
-CONFIG = "configs/two_stage/deformable-detr-baseline/12eps/r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.sh"
+CONFIG = ("configs/two_stage/deformable-detr-baseline/12eps/"
+          "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.sh")
 
 
 def torchrun_call(argv):

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from model_helpers import giou_cxcywh
 
 from models.criterion import SetCriterion, sigmoid_focal_loss
 from models.matcher import HungarianMatcher
-
-from model_helpers import giou_cxcywh
 
 NUM_CLASSES = 5
 LOSSES = ["labels", "boxes", "cardinality"]

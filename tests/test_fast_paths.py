@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, perturb, targets
 
 import models.attention
 import models.ops.modules.ms_deform_attn as msda_module
@@ -25,14 +26,11 @@ from models.attention import group_attention_mask, grouped_self_attention, query
 from models.criterion import sigmoid_focal_loss, weighted_losses
 from models.feed_forward import feed_forward
 from models.matcher import HungarianMatcher
-from models.ops.functions import ms_deform_attn_core_pytorch
-from models.ops.functions import ms_deform_attn_func
+from models.ops.functions import ms_deform_attn_core_pytorch, ms_deform_attn_func
 from models.ops.functions.extension import get_cpu_extension
 from models.ops.functions.ms_deform_attn_func import MSDeformAttnFunction, force_pytorch_path
 from models.ops.modules import MSDeformAttn
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
-
-from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, perturb, targets
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 

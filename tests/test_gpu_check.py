@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from model_helpers import ROOT
 
 SCRIPT = ROOT / "tools" / "gpu_check.sh"

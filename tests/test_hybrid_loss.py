@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
+from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, targets
 
 import engine
 from models.criterion import HybridCriterion, SetCriterion, weighted_losses
 from models.matcher import HungarianMatcher
-
-from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, targets
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
 WEIGHTED = ("loss_ce", "loss_bbox", "loss_giou")

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from model_helpers import ROOT
 from PIL import Image
 
 from datasets.transforms import make_coco_transforms
@@ -14,8 +15,6 @@ from models.deformable_detr import PostProcess
 from util.image_io import eval_image_array, pad_batch
 from util.misc import nested_tensor_from_tensor_list
 from util.onnx_runtime import OnnxDetector, top_detections
-
-from model_helpers import ROOT
 
 
 def photo(width, height, seed=0):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
 from datasets import build_dataset
 from datasets.synthetic import make_synthetic_coco
@@ -14,8 +15,6 @@ from main import get_args_parser
 from models import build_model
 from util.checkpoint import save_checkpoint
 from util.config_script import main_arguments
-
-from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 
 TOOL = runpy.run_path(str(ROOT / "tools" / "infer.py"))
 FLAGS = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2",

@@ -3,14 +3,19 @@ import random
 
 import pytest
 import torch
+from test_transforms import (
+    IMAGE_H,
+    IMAGE_W,
+    assert_boxes_match_pixels,
+    make_sample,
+    pil_pixels,
+    tensor_to_pixels_and_boxes,
+)
 
 import datasets.transforms as T
 import main as project_main
 from datasets.synthetic import make_synthetic_coco
 from util.misc import collate_fn
-
-from test_transforms import (IMAGE_H, IMAGE_W, assert_boxes_match_pixels, make_sample, pil_pixels,
-                             tensor_to_pixels_and_boxes)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -3,13 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from model_helpers import SMALL, TINY_VIT, TINY_VIT_SIZE, build, parse, register_tiny_vit
 
 from models.backbone import load_pretrained_backbone
 from models.mae_checkpoint import fit_position_embedding, load_mae_checkpoint
 from models.swin_transformer import SwinTransformer
 from models.vit import ViT, ViTSize
-
-from model_helpers import SMALL, TINY_VIT, TINY_VIT_SIZE, build, parse, register_tiny_vit
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
+from model_helpers import giou_cxcywh
 
 from models.matcher import HungarianMatcher
-
-from model_helpers import giou_cxcywh
 
 WEIGHTS = dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
 

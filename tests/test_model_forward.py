@@ -3,13 +3,12 @@ import time
 
 import pytest
 import torch
+from model_helpers import SMALL, TWO_STAGE_HYBRID, build, encoder_tokens, hybrid_total, images, perturb, targets
 
 import models.deformable_detr
 import models.deformable_transformer
 from models.attention import group_attention_mask, query_self_attention
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
-
-from model_helpers import SMALL, TWO_STAGE_HYBRID, build, encoder_tokens, hybrid_total, images, perturb, targets
 
 FULL_HYBRID = ["--device", "cpu", "--with_box_refine", "--two_stage", "--num_queries_one2one", "300",
                "--num_queries_one2many", "1500", "--k_one2many", "6", "--lambda_one2many", "1.0", "--dropout", "0.0",

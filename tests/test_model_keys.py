@@ -2,7 +2,6 @@
 import gc
 
 import pytest
-
 from model_helpers import build, reference_configs
 
 CONFIGS = reference_configs()

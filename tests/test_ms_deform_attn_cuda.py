@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.ops.functions import MSDeformAttnFunction, extension, ms_deform_attn, ms_deform_attn_core_pytorch
-from models.ops.functions import ms_deform_attn_func
+from models.ops.functions import (
+    MSDeformAttnFunction,
+    extension,
+    ms_deform_attn,
+    ms_deform_attn_core_pytorch,
+    ms_deform_attn_func,
+)
 from models.ops.modules import MSDeformAttn
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

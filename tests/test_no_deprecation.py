@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import torch
-
 from model_helpers import ROOT
 
 # run in a fresh interpreter with -W error::DeprecationWarning -W error::FutureWarning so that import-time

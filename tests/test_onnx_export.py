@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from model_helpers import ROOT, SMALL, TINY_VIT, TWO_STAGE_HYBRID, build, perturb, register_tiny_vit
 from PIL import Image
 
 from datasets.synthetic import make_synthetic_coco
 from models.onnx_export import check_export, export_onnx
 from util.checkpoint import save_checkpoint
 from util.onnx_runtime import OnnxDetector
-
-from model_helpers import ROOT, SMALL, TINY_VIT, TWO_STAGE_HYBRID, build, perturb, register_tiny_vit
 
 for _package in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_package, reason=f"the ONNX tests need {_package}: pip install onnx onnxscript onnxruntime")

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from model_helpers import ROOT, reference_fixture_names
 
 import main
 from models import build_model
-
-from model_helpers import ROOT, reference_fixture_names
 
 
 def _check_parity(reference_dir):

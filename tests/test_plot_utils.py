@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from model_helpers import ROOT
 
 from datasets.coco import load_coco_api
 from datasets.coco_eval import CocoEvaluator
 from datasets.synthetic import make_synthetic_coco
 from util import plot_utils
 from util.checkpoint import save_checkpoint
-
-from model_helpers import ROOT
 
 
 def write_log(directory, aps):

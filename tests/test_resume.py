@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import ROOT
+from test_distributed import free_port, subprocess_env
 
 import engine
-import util.preemption
 import main as project_main
+import util.preemption
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.training_state import ITERATION_LOG
-
-from model_helpers import ROOT
-from test_distributed import free_port, subprocess_env
 
 # dropout on, from-scratch BatchNorm: the random states and batch statistics must come back too
 TINY = [

@@ -134,7 +134,8 @@ def test_normalize_gives_unit_cxcywh():
     assert boxes.dtype == torch.float32
     assert ((boxes >= 0) & (boxes <= 1)).all()
     x0, y0, x1, y1 = RECTS[1]
-    expected = torch.tensor([(x0 + x1) / 2 / IMAGE_W, (y0 + y1) / 2 / IMAGE_H, (x1 - x0) / IMAGE_W, (y1 - y0) / IMAGE_H])
+    expected = torch.tensor([(x0 + x1) / 2 / IMAGE_W, (y0 + y1) / 2 / IMAGE_H,
+                             (x1 - x0) / IMAGE_W, (y1 - y0) / IMAGE_H])
     torch.testing.assert_close(boxes[0], expected)
 
 

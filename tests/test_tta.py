@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from model_helpers import ROOT, build, parse, perturb
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
@@ -15,15 +16,20 @@ import main as project_main
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.synthetic import make_synthetic_coco
 from datasets.transforms import hflip, make_coco_transforms
-from datasets.tta import (UPSTREAM_TTA_RANGES, UPSTREAM_TTA_SCALES, MultiScaleViews, TTAScale, collate_views,
-                          tta_scales, view_to_input)
+from datasets.tta import (
+    UPSTREAM_TTA_RANGES,
+    UPSTREAM_TTA_SCALES,
+    MultiScaleViews,
+    TTAScale,
+    collate_views,
+    tta_scales,
+    view_to_input,
+)
 from engine import evaluate
 from models.deformable_detr import PostProcess
 from models.tta import TestTimeAugmentation, hflip_boxes, in_size_range, merge_detections, soft_box_vote
 from util.arguments import argument_problems, tta_problems
 from util.misc import collate_fn, nested_tensor_from_tensor_list
-
-from model_helpers import ROOT, build, parse, perturb
 
 INF = math.inf
 TINY = ["--device", "cpu", "--backbone", "resnet18", "--no_pretrained_backbone", "--num_feature_levels", "2",

@@ -5,15 +5,20 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import SMALL, TINY_VIT, TINY_VIT_SIZE, TWO_STAGE_HYBRID, build, images, parse, register_tiny_vit
 from timm.models.vision_transformer import Block as TimmBlock
 
 import main as project_main
 from models.backbone import ViTBackbone
-from models.vit import (VIT_SIZES, Block, build_vit_backbone, decomposed_rel_pos_bias, grid_position_embedding,
-                        vit_layer_id)
+from models.vit import (
+    VIT_SIZES,
+    Block,
+    build_vit_backbone,
+    decomposed_rel_pos_bias,
+    grid_position_embedding,
+    vit_layer_id,
+)
 from util.misc import nested_tensor_from_tensor_list
-
-from model_helpers import SMALL, TINY_VIT, TINY_VIT_SIZE, TWO_STAGE_HYBRID, build, images, parse, register_tiny_vit
 
 TINY = SMALL + TWO_STAGE_HYBRID + ["--backbone", TINY_VIT]
 # the fork's ViT-L config (H-Deformable-DETR + tricks), on the CPU

@@ -5,6 +5,8 @@ import random
 
 import pytest
 import torch
+from model_helpers import SMALL, TINY_VIT, TWO_STAGE_HYBRID, register_tiny_vit
+from test_mae_checkpoint import mae_encoder
 
 import engine
 import main as project_main
@@ -13,9 +15,6 @@ from datasets.synthetic import make_synthetic_coco
 from datasets.transforms import make_coco_transforms
 from models import build_model
 from util.misc import collate_fn
-
-from model_helpers import SMALL, TINY_VIT, TWO_STAGE_HYBRID, register_tiny_vit
-from test_mae_checkpoint import mae_encoder
 
 TINY = SMALL + TWO_STAGE_HYBRID + ["--backbone", TINY_VIT, "--num_workers", "0", "--print_freq", "1000"]
 

@@ -192,7 +192,6 @@ def main(argv=None):
     check_device(model_args)
     device = torch.device(model_args.device)
 
-    split = "train" if args.train else "val"
     model_args.eval = not args.train  # the class count comes from the annotation file of that split
     model_args.eval_in_training_set = False
     if args.image_size is None:

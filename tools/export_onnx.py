@@ -24,8 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.coco import category_names, transform_options  # noqa: E402
 from datasets.transforms import eval_resize  # noqa: E402
-from models.onnx_export import (CHECK_TOLERANCE, EXAMPLE_SIZE, MIN_EXAMPLE_SIDE, check_export,  # noqa: E402
-                                check_sizes, export_metadata, export_onnx, import_onnx_packages)
+from models.onnx_export import (  # noqa: E402
+    CHECK_TOLERANCE,
+    EXAMPLE_SIZE,
+    MIN_EXAMPLE_SIDE,
+    check_export,
+    check_sizes,
+    export_metadata,
+    export_onnx,
+    import_onnx_packages,
+)
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
 from util.trained_model import trained_model  # noqa: E402
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.synthetic import (  # noqa: E402
-    SyntheticConfig, generation_parameters, make_synthetic_coco, read_manifest)
+from datasets.synthetic import SyntheticConfig, generation_parameters, make_synthetic_coco, read_manifest  # noqa: E402
 
 # knobs with their own flags below, or set through the dedicated options
 _DEDICATED = {"image_size"}

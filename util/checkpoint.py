@@ -15,10 +15,10 @@ SAFE_GLOBALS = [argparse.Namespace]
 # keys added by the thop profiler to some released checkpoints
 IGNORED_SUFFIXES = ("total_params", "total_ops")
 # flags that change the architecture, named in the hint when a checkpoint does not fit
-ARCHITECTURE_FLAGS = ("backbone", "pretrained_backbone", "dilation", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward",
-                      "hidden_dim", "nheads", "num_queries_one2one", "num_queries_one2many", "dec_n_points",
-                      "enc_n_points", "with_box_refine", "two_stage", "mixed_selection", "position_embedding",
-                      "num_classes")
+ARCHITECTURE_FLAGS = ("backbone", "pretrained_backbone", "dilation", "num_feature_levels", "enc_layers", "dec_layers",
+                      "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one", "num_queries_one2many",
+                      "dec_n_points", "enc_n_points", "with_box_refine", "two_stage", "mixed_selection",
+                      "position_embedding", "num_classes")
 
 
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)

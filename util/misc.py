@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 # --------------------------------------------------------------------------- tensors
 
 
@@ -32,7 +31,8 @@ class NestedTensor:
         return self.tensors, self.mask
 
     def __repr__(self):
-        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+        mask = None if self.mask is None else tuple(self.mask.shape)
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
 def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[int] = None) -> NestedTensor:

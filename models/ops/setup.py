@@ -15,8 +15,16 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from functions.extension import (  # noqa: E402
-    CPU_EXTENSION_NAME, CPU_FLAGS, DEFAULT_ARCH_LIST, EXTENSION_NAME, NVCC_FLAGS, _cpp_extension, configure_cuda_home,
-    cpu_extension_sources, extension_sources)
+    CPU_EXTENSION_NAME,
+    CPU_FLAGS,
+    DEFAULT_ARCH_LIST,
+    EXTENSION_NAME,
+    NVCC_FLAGS,
+    _cpp_extension,
+    configure_cuda_home,
+    cpu_extension_sources,
+    extension_sources,
+)
 
 cpp_extension = _cpp_extension()
 

@@ -8,7 +8,6 @@ import argparse
 import sys
 
 import torch
-
 from functions import MSDeformAttnFunction, get_extension, ms_deform_attn_core_pytorch
 
 HEADS, CHANNELS, POINTS = 8, 32, 4
