@@ -284,7 +284,7 @@ class TrainingRun:
 
     def resume(self, checkpoint, source):
         """Continue from `checkpoint` (ours at an epoch end or mid-epoch, or upstream's)."""
-        resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler)
+        next_epoch = resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler)
         if self.ema is not None and "model_ema" in checkpoint:
             self.ema.module.load_state_dict(checkpoint["model_ema"])
         in_epoch = checkpoint.get("in_epoch")
@@ -292,7 +292,7 @@ class TrainingRun:
             self.start_epoch, self.start_iteration = in_epoch["epoch"], in_epoch["iteration"]
             self.resumed = in_epoch
         else:
-            self.start_epoch = self.args.start_epoch
+            self.start_epoch = next_epoch
             if "train_stats" in checkpoint:
                 self.pending_epoch_end = (checkpoint["epoch"], checkpoint["train_stats"])
         print(f"resuming {source} at epoch {self.start_epoch}, iteration {self.start_iteration}", flush=True)

@@ -5,26 +5,15 @@ the image is resized to shorter sides 400 ... 1800, and each scale keeps only th
 sqrt(w * h), measured in the pixels of that resized image, lies in the scale's range: small scales keep large
 objects, large scales keep small ones. models/tta.py runs the passes (and their flips) and merges them.
 """
-import math
 from typing import NamedTuple
 
 import torch
 import torchvision.transforms.v2.functional as F
 
+from util.arguments import UPSTREAM_EVAL_SIZE, UPSTREAM_TTA_RANGES, UPSTREAM_TTA_SCALES
 from util.misc import nested_tensor_from_tensor_list
 
 from . import transforms as T
-
-# upstream's scales (shorter sides at an evaluation size of 800) and their object-size ranges, in pixels of the
-# image resized to that scale
-UPSTREAM_EVAL_SIZE = 800
-UPSTREAM_TTA_RANGES = {
-    400: (96, math.inf), 500: (96, math.inf), 600: (64, math.inf), 640: (64, math.inf), 700: (64, math.inf),
-    900: (0, math.inf), 1000: (0, math.inf), 1100: (0, 256), 1200: (0, 256), 1300: (0, 192), 1400: (0, 192),
-    1800: (0, 96),
-}
-UPSTREAM_TTA_SCALES = tuple(UPSTREAM_TTA_RANGES)
-UPSTREAM_TTA_MAX_SIZE = 3000  # longest side for the scales from the evaluation size up
 
 
 class TTAScale(NamedTuple):

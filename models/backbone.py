@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from mmcv_custom import load_checkpoint as load_swin_checkpoint
+from util.arguments import DEFAULT_PRETRAINED_BACKBONE_PATH
 from util.misc import NestedTensor, downsample_mask
 
 from .mae_checkpoint import load_mae_checkpoint
@@ -18,7 +19,6 @@ from .vit import SIZE_DIVISIBILITY, VIT_SIZES, build_vit_backbone
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 SWINS = ("swin_tiny", "swin_small", "swin_large", "swin_large_window12")
 # upstream's default --pretrained_backbone_path (a Swin-T file); ResNets then use torchvision's ImageNet weights
-DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 

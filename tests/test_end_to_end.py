@@ -196,8 +196,8 @@ def test_adamw_is_fused_also_after_resuming_an_unfused_optimizer():
     upstream_scheduler = torch.optim.lr_scheduler.StepLR(upstream, args.lr_drop)
     checkpoint = {"optimizer": upstream.state_dict(), "lr_scheduler": upstream_scheduler.state_dict(), "epoch": 3}
     assert not any(g.get("fused") for g in checkpoint["optimizer"]["param_groups"])
-    project_main.resume_training_state(args, checkpoint, optimizer, scheduler, None)
-    assert all(g["fused"] for g in optimizer.param_groups) and args.start_epoch == 4
+    next_epoch = project_main.resume_training_state(args, checkpoint, optimizer, scheduler, None)
+    assert all(g["fused"] for g in optimizer.param_groups) and next_epoch == 4
     first = next(p for p in model.parameters() if p.requires_grad)
     assert torch.equal(optimizer.state[first]["exp_avg"], upstream.state[first]["exp_avg"])
     optimizer.step()  # runs with the loaded moments

@@ -91,7 +91,7 @@ def test_training_loader_gives_square_batches(tmp_path):
     args = project_main.get_args_parser().parse_args(
         ["--coco_path", str(tmp_path), "--lsj", "96", "--batch_size", "2", "--num_workers", "0", "--val_scale", "80",
          "--device", "cpu"])
-    project_main.resolve_num_classes(args)
+    args.num_classes = project_main.num_classes_of(args)
     from datasets import build_dataset
 
     args.distributed = False

@@ -36,7 +36,7 @@ def test_training_decreases_the_loss(synthetic):
     args = project_main.get_args_parser().parse_args(
         TINY + ["--coco_path", str(synthetic), "--lr", "1e-3", "--lr_backbone", "1e-4", "--lr_layer_decay", "0.8",
                 "--drop_path_rate", "0.1"])
-    project_main.resolve_num_classes(args)
+    args.num_classes = project_main.num_classes_of(args)
     torch.manual_seed(0)
     model, criterion, _ = build_model(args)
     folder, ann_file = COCO_SPLITS["train"]

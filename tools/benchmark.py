@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from main import check_device, get_args_parser, resolve_num_classes  # noqa: E402
+from main import num_classes_of  # noqa: E402
 from models import build_model  # noqa: E402
 from models.criterion import weighted_losses  # noqa: E402
+from util.arguments import check_args, check_device, get_args_parser  # noqa: E402
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
@@ -189,13 +190,14 @@ def main(argv=None):
             raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     model_args = main_arguments(get_args_parser(), rest, args.config)
+    check_args(model_args)
     check_device(model_args)
     device = torch.device(model_args.device)
 
     model_args.eval = not args.train  # the class count comes from the annotation file of that split
     model_args.eval_in_training_set = False
     if args.image_size is None:
-        resolve_num_classes(model_args)
+        model_args.num_classes = num_classes_of(model_args)
         if args.train:
             images, targets = dataset_batch("train", batch_size, model_args, device)
         else:

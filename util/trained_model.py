@@ -10,8 +10,8 @@ def trained_model(flags, config=None, device=None):
     """
     import torch
 
-    from main import check_device, get_args_parser
     from models import build_model
+    from util.arguments import check_device, get_args_parser
     from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
     from util.config_script import main_arguments
 

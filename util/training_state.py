@@ -76,8 +76,8 @@ def restore_random_states(states):
 
 
 def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
-    """Restore optimizer, scheduler and epoch; the learning rates and lr drops of this command line win, as
-    upstream (so a resumed run can change its schedule)."""
+    """Restore optimizer, scheduler (and the fp16 gradient scaler); returns the epoch to continue with. The learning
+    rates and lr drops of this command line win, as upstream (so a resumed run can change its schedule)."""
     # this run's learning rates, and its choice of the fused AdamW kernel (a checkpoint's param groups carry theirs)
     fresh_groups = [{k: g[k] for k in ("lr", "initial_lr", "fused") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -95,7 +95,7 @@ def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
         group["lr"] = base_lr * scheduler.gamma ** drops
     if "scaler" in checkpoint and scaler is not None:
         scaler.load_state_dict(checkpoint["scaler"])
-    args.start_epoch = checkpoint["epoch"] + 1
+    return checkpoint["epoch"] + 1
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files
