@@ -87,9 +87,8 @@ def checkpoint_detector(args, rest):
 
     from datasets.coco import category_names, transform_options
     from datasets.transforms import make_coco_transforms
-    from datasets.tta import MultiScaleViews
+    from datasets.tta import MultiScaleViews, TestTimeAugmentation
     from models.trained_model import trained_model
-    from models.tta import TestTimeAugmentation
     from util.arguments import tta_problems
     from util.misc import nested_tensor_from_tensor_list
 
