@@ -8,7 +8,8 @@ as in ATSS's code).
 """
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+
+from util.box_ops import box_iou
 
 # a voted-away detection stays, rescored by (1 - IoU with the group's best), when its new score reaches this
 SOFT_VOTE_MIN_SCORE = 0.05
@@ -31,7 +32,7 @@ def soft_box_vote(boxes, scores, iou_threshold):
     """
     order = torch.argsort(scores, descending=True, stable=True)
     boxes, scores = boxes[order], scores[order]
-    iou = box_iou(boxes, boxes)  # [N, N]
+    iou = box_iou(boxes, boxes)[0]  # [N, N]
     overlapping = (iou >= iou_threshold).cpu().numpy()
     leader = np.full(len(boxes), -1)  # the best of each detection's group
     for best in range(len(boxes)):
