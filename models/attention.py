@@ -1,5 +1,6 @@
 """Query self-attention in groups that never see each other (the hybrid branch's one-to-one and one-to-many
-queries), computed with nn.MultiheadAttention's parameters."""
+queries), computed with nn.MultiheadAttention's parameters; equal in float64 to upstream's masked attention
+(tests/test_equivalence.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -13,7 +13,8 @@ def sigmoid_focal_loss(inputs, targets, num_boxes, alpha: float = 0.25, gamma: f
     """Focal loss (RetinaNet) on logits [B, Q, K] against 0/1 targets, averaged over queries, / num_boxes.
 
     Written for 0/1 targets: 1 - p_t (p_t the probability given to the true label) is |targets - p|, and alpha_t
-    is alpha on positives, 1 - alpha on negatives; the same function as upstream's expressions in fewer passes.
+    is alpha on positives, 1 - alpha on negatives; the same function as upstream's expressions in fewer passes
+    (tests/test_equivalence.py).
     """
     prob = inputs.sigmoid()
     ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")

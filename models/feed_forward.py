@@ -1,5 +1,6 @@
 """The feed-forward block of the transformer layers, linear2(dropout(activation(linear1(x)))); for ReLU without
-active dropout it is computed with the ReLU and its gradient in place (the same function, fewer fresh buffers)."""
+active dropout it is computed with the ReLU and its gradient in place (the same function, fewer fresh buffers;
+equal in float64 to autograd's Linear / ReLU / Linear: tests/test_equivalence.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
