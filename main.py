@@ -14,12 +14,11 @@ import datasets.samplers as samplers
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS, dataset_root
-from datasets.tta import collate_views
+from datasets.tta import TestTimeAugmentation, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
 from models.backbone import load_pretrained_backbone
 from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer, as before)
-from models.tta import TestTimeAugmentation
 from util.arguments import argument_problems, check_args, check_device, get_args_parser  # noqa: F401 (upstream's)
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.preemption import Preempted

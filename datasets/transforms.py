@@ -9,7 +9,7 @@ import random
 import torch
 import torchvision.transforms.v2.functional as F
 
-from util.box_ops import box_xyxy_to_cxcywh
+from util.box_ops import box_xyxy_to_cxcywh, hflip_boxes
 
 # the resize rule and the normalisation live in util.image_io, shared with the torch-free ONNX runtime path
 from util.image_io import IMAGENET_MEAN, IMAGENET_STD, get_size_with_aspect_ratio  # noqa: F401
@@ -51,8 +51,7 @@ def hflip(image, target):
     image = F.horizontal_flip(image)
     target = target.copy()
     if "boxes" in target:
-        x0, y0, x1, y1 = target["boxes"].unbind(-1)
-        target["boxes"] = torch.stack((width - x1, y0, width - x0, y1), dim=-1)
+        target["boxes"] = hflip_boxes(target["boxes"], width)
     return image, target
 
 

@@ -1,10 +1,9 @@
 """Query self-attention in groups that never see each other (the hybrid branch's one-to-one and one-to-many
-queries), computed with nn.MultiheadAttention's parameters."""
+queries), computed with nn.MultiheadAttention's parameters; equal in float64 to upstream's masked attention
+(tests/test_equivalence.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from models import fast_paths
 
 
 def group_attention_mask(groups, device=None):
@@ -34,19 +33,25 @@ def grouped_self_attention(attn: nn.MultiheadAttention, query_key, value, groups
     return attn.out_proj(out.reshape(batch, num_queries, channels))
 
 
+def masked_self_attention_with_dropout(attn: nn.MultiheadAttention, query_key, value, groups):
+    """Upstream's computation, a masked nn.MultiheadAttention over all queries [B, Q, C], for training with
+    attention dropout: its dropout masks the attention weights of all queries with upstream's random numbers,
+    which per-group attentions would draw differently. Returns [B, Q, C]."""
+    mask = group_attention_mask(groups, query_key.device) if len(groups) > 1 else None
+    # nn.MultiheadAttention in its sequence-first layout: [B, Q, C] -> [Q, B, C] and back
+    qk_first = query_key.transpose(0, 1)
+    return attn(qk_first, qk_first, value.transpose(0, 1), attn_mask=mask)[0].transpose(0, 1)
+
+
 def query_self_attention(attn: nn.MultiheadAttention, query_key, value, groups=None):
     """Self-attention of decoder queries [B, Q, C] within their groups (sizes summing to Q; None: one group).
 
-    In training with attention dropout (and in fast_paths.upstream_operation_order()) this is upstream's
-    computation, a masked nn.MultiheadAttention over all queries (so that its dropout draws the same random
-    numbers); otherwise grouped_self_attention, the same function of the inputs, faster.
+    grouped_self_attention, except in training with attention dropout (upstream's --dropout 0.1), where dropout
+    makes it a different random function: masked_self_attention_with_dropout.
     """
     groups = [query_key.shape[1]] if groups is None else [int(g) for g in groups if g > 0]
     if sum(groups) != query_key.shape[1]:
         raise ValueError(f"query groups {groups} do not add up to the {query_key.shape[1]} queries")
-    if (attn.training and attn.dropout > 0) or not fast_paths.enabled():
-        mask = group_attention_mask(groups, query_key.device) if len(groups) > 1 else None
-        # nn.MultiheadAttention in its sequence-first layout: [B, Q, C] -> [Q, B, C] and back
-        qk_first = query_key.transpose(0, 1)
-        return attn(qk_first, qk_first, value.transpose(0, 1), attn_mask=mask)[0].transpose(0, 1)
+    if attn.training and attn.dropout > 0:
+        return masked_self_attention_with_dropout(attn, query_key, value, groups)
     return grouped_self_attention(attn, query_key, value, groups)

@@ -52,6 +52,15 @@ def _stage_channels(stage: nn.Module) -> int:
 class BackboneBase(nn.Module):
     """A network `body` returning {name: feature map}; forward pairs each map with the downsampled padding mask."""
 
+    def _use_body(self, body: nn.Module, train_backbone: bool, name: str):
+        """Set `body` (trainable only with train_backbone), with the channels and strides of its outputs."""
+        self.body = body
+        for param in body.parameters():
+            param.requires_grad_(train_backbone)
+        self.num_channels = list(body.num_channels)
+        self.strides = list(body.strides)
+        self.name = name
+
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
         features = self.body(tensor_list.tensors)
         return {name: NestedTensor(x, downsample_mask(tensor_list.mask, x.shape[-2:])) for name, x in features.items()}
@@ -97,16 +106,12 @@ class TransformerBackbone(BackboneBase):
 
         out_indices = (1, 2, 3)[-num_outputs:]
         # use_checkpoint: recompute the blocks in backward (upstream always does, to save memory)
-        self.body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
-                                        out_indices=out_indices)
+        body = build_swin_backbone(name, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
+                                   out_indices=out_indices)
         # re-initialised at construction as upstream does (truncated-normal Linear weights), which also keeps
         # the random stream, hence drop-path masks, in step with upstream's; ImageNet weights come later
-        self.body.init_weights()
-        for param in self.body.parameters():
-            param.requires_grad_(train_backbone)
-        self.num_channels = list(self.body.num_channels)
-        self.strides = list(self.body.strides)
-        self.name = name
+        body.init_weights()
+        self._use_body(body, train_backbone, name)
 
 
 def _pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
@@ -128,12 +133,7 @@ class ViTBackbone(BackboneBase):
     def __init__(self, name: str, train_backbone: bool, num_outputs: int, drop_path_rate: float,
                  use_checkpoint: bool = False):
         super().__init__()
-        self.body = build_vit_backbone(name, num_outputs, drop_path_rate, use_checkpoint)
-        for param in self.body.parameters():
-            param.requires_grad_(train_backbone)
-        self.num_channels = list(self.body.num_channels)
-        self.strides = list(self.body.strides)
-        self.name = name
+        self._use_body(build_vit_backbone(name, num_outputs, drop_path_rate, use_checkpoint), train_backbone, name)
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
         return super().forward(_pad_to_multiple(tensor_list, SIZE_DIVISIBILITY))

@@ -10,7 +10,6 @@ from util import box_ops
 from util.box_ops import refine_boxes
 from util.misc import NestedTensor, downsample_mask, nested_tensor_from_tensor_list
 
-from . import fast_paths
 from .backbone import build_backbone
 from .criterion import build_criterion
 from .deformable_transformer import build_deformable_transformer
@@ -148,8 +147,6 @@ class DeformableDETR(nn.Module):
 
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact, box_deltas = \
             self.transformer(srcs, masks, pos, query_embeds, query_groups, num_queries)
-        if not fast_paths.enabled():
-            box_deltas = None  # upstream recomputes the box heads' outputs here
 
         # per decoder layer, split into the one-to-one and one-to-many groups before stacking (upstream's order,
         # which keeps the gradients bit-identical to upstream's)

@@ -1,10 +1,9 @@
-"""The feed-forward block of the transformer layers, linear2(dropout(activation(linear1(x)))), and a faster form of
-it for ReLU without dropout that computes the same function with fewer fresh buffers."""
+"""The feed-forward block of the transformer layers, linear2(dropout(activation(linear1(x)))); for ReLU without
+active dropout it is computed with the ReLU and its gradient in place (the same function, fewer fresh buffers;
+equal in float64 to autograd's Linear / ReLU / Linear: tests/test_equivalence.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from models import fast_paths
 
 
 class _ReluFeedForward(torch.autograd.Function):
@@ -41,8 +40,12 @@ class _ReluFeedForward(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _fast_path_applies(linear1, linear2, activation, dropout, x):
-    return (fast_paths.enabled() and activation is F.relu and not (dropout.training and dropout.p > 0)
+def _in_place_relu_applies(linear1, linear2, activation, dropout, x):
+    """Whether _ReluFeedForward computes the block: ReLU, no active dropout (dropout is another function), both
+    biases; not under autocast (its casts would hand the hand-written backward mixed dtypes, which mm rejects);
+    not under torch.export (an exported graph has no backward, where the Function saves its memory, and records
+    autograd's Linear / ReLU / Linear instead)."""
+    return (activation is F.relu and not (dropout.training and dropout.p > 0)
             and linear1.bias is not None and linear2.bias is not None
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting())
 
@@ -50,7 +53,7 @@ def _fast_path_applies(linear1, linear2, activation, dropout, x):
 def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn.Dropout, x):
     """linear2(dropout(activation(linear1(x)))) for x [..., C]; with ReLU and no active dropout (upstream's
     --dropout 0, or evaluation) the same function computed in place where autograd allows."""
-    if not _fast_path_applies(linear1, linear2, activation, dropout, x):
+    if not _in_place_relu_applies(linear1, linear2, activation, dropout, x):
         return linear2(dropout(activation(linear1(x))))
     if not torch.is_grad_enabled():
         return linear2(F.relu(linear1(x), inplace=True))

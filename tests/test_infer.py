@@ -69,8 +69,7 @@ def test_detections_equal_evaluation_on_the_same_image(data, tmp_path, capsys):
 
 def test_tta_detections_equal_the_evaluation_path(data, tmp_path):
     """--tta runs the multi-scale (and flip) test of main.py --eval --tta: the same merged detections."""
-    from datasets.tta import collate_views
-    from models.tta import TestTimeAugmentation
+    from datasets.tta import TestTimeAugmentation, collate_views
 
     checkpoint, model, _ = trained(data, tmp_path)
     out = tmp_path / "out"

@@ -20,15 +20,17 @@ from datasets.tta import (
     UPSTREAM_TTA_RANGES,
     UPSTREAM_TTA_SCALES,
     MultiScaleViews,
+    TestTimeAugmentation,
     TTAScale,
     collate_views,
     tta_scales,
     view_to_input,
 )
+from datasets.tta_merge import in_size_range, merge_detections, soft_box_vote
 from engine import evaluate
 from models.deformable_detr import PostProcess
-from models.tta import TestTimeAugmentation, hflip_boxes, in_size_range, merge_detections, soft_box_vote
 from util.arguments import argument_problems, tta_problems
+from util.box_ops import hflip_boxes
 from util.misc import collate_fn, nested_tensor_from_tensor_list
 
 INF = math.inf

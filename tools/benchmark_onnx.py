@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models.ops.functions.ms_deform_attn_func import force_pytorch_path, use_compiled  # noqa: E402
+from models.trained_model import trained_model  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.onnx_runtime import OnnxDetector  # noqa: E402
-from util.trained_model import trained_model  # noqa: E402
 
 
 def benchmark_args_parser():

@@ -34,8 +34,8 @@ from models.onnx_export import (  # noqa: E402
     export_onnx,
     import_onnx_packages,
 )
+from models.trained_model import trained_model  # noqa: E402
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
-from util.trained_model import trained_model  # noqa: E402
 
 
 def export_args_parser():

@@ -51,7 +51,7 @@ step "build the CUDA op (JIT, the visible GPU's architecture)" 300 \
 step "models/ops/test.py (op against the PyTorch path)" 120 bash -c "cd models/ops && '$PY' test.py"
 step "models/ops/test.py --benchmark" 120 bash -c "cd models/ops && '$PY' test.py --benchmark"
 step "pytest tests/test_ms_deform_attn_cuda.py" 300 "$PY" -m pytest -q tests/test_ms_deform_attn_cuda.py
-step "pytest tests/test_fast_paths.py (CUDA model test included)" 180 "$PY" -m pytest -q tests/test_fast_paths.py
+step "pytest tests/test_equivalence.py (CUDA model test included)" 180 "$PY" -m pytest -q tests/test_equivalence.py
 for path in compiled pytorch; do
     force=0
     [ $path = pytorch ] && force=1

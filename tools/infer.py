@@ -87,11 +87,10 @@ def checkpoint_detector(args, rest):
 
     from datasets.coco import category_names, transform_options
     from datasets.transforms import make_coco_transforms
-    from datasets.tta import MultiScaleViews
-    from models.tta import TestTimeAugmentation
+    from datasets.tta import MultiScaleViews, TestTimeAugmentation
+    from models.trained_model import trained_model
     from util.arguments import tta_problems
     from util.misc import nested_tensor_from_tensor_list
-    from util.trained_model import trained_model
 
     model, postprocessors, model_args = trained_model(rest, args.config)
     problems = tta_problems(model_args)

@@ -1,4 +1,4 @@
-"""Bounding-box conversions, (generalized) IoU on [N, 4] tensors, and the box-refinement step."""
+"""Bounding-box conversions and mirroring, (generalized) IoU on [N, 4] tensors, and the box-refinement step."""
 import torch
 
 from util.misc import inverse_sigmoid
@@ -12,6 +12,12 @@ def box_cxcywh_to_xyxy(boxes):
 def box_xyxy_to_cxcywh(boxes):
     x0, y0, x1, y1 = boxes.unbind(-1)
     return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+
+
+def hflip_boxes(boxes, width):
+    """Mirror xyxy boxes [N, 4] of an image `width` pixels wide left-right (x -> width - x)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack((width - x1, y0, width - x0, y1), dim=-1)
 
 
 def _overlaps(boxes1, boxes2):

@@ -1,4 +1,11 @@
 """The model of a trained checkpoint, rebuilt as tools/infer.py, export_onnx.py and benchmark_onnx.py run it."""
+import torch
+
+from util.arguments import check_device, get_args_parser
+from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
+from util.config_script import main_arguments
+
+from . import build_model
 
 
 def trained_model(flags, config=None, device=None):
@@ -6,15 +13,9 @@ def trained_model(flags, config=None, device=None):
 
     The model is built from the arguments saved in the checkpoint (else from the config script `config`),
     overridden by `flags`; `device` replaces --device (and turns off --use_fp16, which needs CUDA). A checkpoint with
-    a weight average (--model_ema) gives the average, as evaluation does.
+    a weight average (--model_ema) gives the average, as evaluation does. The arguments are this tool's own
+    Namespace (parsed here from `flags`), set up before anything is built from them.
     """
-    import torch
-
-    from models import build_model
-    from util.arguments import check_device, get_args_parser
-    from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
-    from util.config_script import main_arguments
-
     resume = get_args_parser().parse_known_args(flags)[0].resume
     if not resume:
         raise ValueError("pass the trained model with --resume <checkpoint>")

@@ -1,15 +1,17 @@
-"""The faster computations agree with upstream's operations in float64 (to 1e-9, in practice ~1e-15):
+"""The product's faster computations agree with upstream's forms (tests/reference/upstream_forms.py) in float64
+(to 1e-9, in practice ~1e-15):
 
 - the compiled CPU deformable-attention op against the grid_sample path (points on, between and off the pixel
   grid, outside every border, padded values), forward and the three gradients;
+- the deformable-attention module against upstream's forward (padding mask, grid_sample path), and its sampling
+  locations, written as one addcdiv / addcmul (over [.., P * 2]), against upstream's expressions;
 - query self-attention as one dense attention per group against nn.MultiheadAttention with the hybrid mask;
-- sampling locations written as one addcdiv / addcmul (over [.., P * 2]) against upstream's expressions;
 - the per-image matching costs against upstream's batched cost matrix, repeated targets costed once;
-- the focal loss and the paired GIoU against upstream's expressions (and the diagonal of the pairwise GIoU);
-- the layers' feed-forward block with its ReLU in place against linear2(relu(linear1(x)));
-- the whole model (box-head outputs reused, all the above) against models.fast_paths.upstream_operation_order():
-  every output, loss term and parameter gradient, on padded batches; and three training steps with the fused
-  AdamW kernel against upstream's order with the plain AdamW loop.
+- the focal loss and the paired GIoU against upstream's expressions (the diagonal of the pairwise GIoU);
+- the layers' feed-forward block with its ReLU in place against autograd's Linear / ReLU / Linear;
+- the whole model (box-head outputs reused, all the above) against upstream_operations(): every output, loss term
+  and parameter gradient, on padded batches; and three training steps with the fused AdamW kernel against
+  upstream's forms with the plain AdamW loop.
 """
 import contextlib
 import copy
@@ -17,20 +19,22 @@ import copy
 import pytest
 import torch
 from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, perturb, targets
+from reference import upstream_forms
+from reference.upstream_forms import UPSTREAM_FORMS, form_name, upstream_operations
 
-import models.attention
 import models.ops.modules.ms_deform_attn as msda_module
-from main import build_optimizer
-from models import fast_paths
-from models.attention import group_attention_mask, grouped_self_attention, query_self_attention
+from models import criterion as criterion_module
+from models import deformable_transformer
+from models.attention import grouped_self_attention, query_self_attention
 from models.criterion import sigmoid_focal_loss, weighted_losses
 from models.feed_forward import feed_forward
 from models.matcher import HungarianMatcher
 from models.ops.functions import ms_deform_attn_core_pytorch, ms_deform_attn_func
 from models.ops.functions.extension import get_cpu_extension
-from models.ops.functions.ms_deform_attn_func import MSDeformAttnFunction, force_pytorch_path
+from models.ops.functions.ms_deform_attn_func import MSDeformAttnFunction
 from models.ops.modules import MSDeformAttn
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
+from models.optimizer import build_optimizer
+from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -118,7 +122,8 @@ def test_cpu_op_gradcheck_and_float32(cpu_op):
                                ms_deform_attn_core_pytorch(value, shapes, locations, weights), rtol=1e-5, atol=1e-5)
 
 
-def test_module_with_padding_mask_equals_the_pytorch_path_in_float64(cpu_op):
+def test_module_with_padding_mask_equals_upstreams_forward_in_float64(cpu_op):
+    """The module (the compiled op, the in-place padding fill, one-pass locations) against upstream's forward."""
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3).double()
     with torch.no_grad():
@@ -133,11 +138,10 @@ def test_module_with_padding_mask_equals_the_pytorch_path_in_float64(cpu_op):
     mask[1, 30:48] = True  # the second image's padding
     mask[1, 54:] = True
     results = []
-    for forced in (False, True):
+    for forward in (MSDeformAttn.forward, upstream_forms.msdeform_attn_forward):
         attn.zero_grad()
         inputs = [t.clone().requires_grad_() for t in (query, flatten, reference_points)]
-        with force_pytorch_path() if forced else torch.enable_grad():
-            out = attn(inputs[0], inputs[2], inputs[1], shapes, _starts(shapes), mask)
+        out = forward(attn, inputs[0], inputs[2], inputs[1], shapes, _starts(shapes), mask)
         out.pow(2).sum().backward()
         results.append((out, [t.grad for t in inputs], {n: p.grad.clone() for n, p in attn.named_parameters()}))
     (out, input_grads, param_grads), (ref_out, ref_input_grads, ref_param_grads) = results
@@ -164,12 +168,7 @@ def test_sampling_locations_equal_upstreams_expressions(coords, monkeypatch):
                         value.new_zeros(value.shape[0], locations.shape[1], 16))
     attn(query, reference, flatten, shapes, _starts(shapes))
     offsets = attn.sampling_offsets(query).view(2, 4, 2, 2, 3, 2)
-    if coords == 2:
-        normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
-        expected = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-    else:
-        expected = (reference[:, :, None, :, None, :2]
-                    + offsets / attn.n_points * reference[:, :, None, :, None, 2:] * 0.5)
+    expected = upstream_forms.sampling_locations(reference, offsets, shapes, attn.n_points)
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-15)
     grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     ours = torch.autograd.grad(seen[0], (query, reference), grad)
@@ -189,9 +188,8 @@ def test_grouped_attention_equals_the_masked_multihead_attention_in_float64(grou
     query_key = torch.randn(2, sum(groups), 16, generator=gen, dtype=torch.float64, requires_grad=True)
     value = torch.randn(2, sum(groups), 16, generator=gen, dtype=torch.float64, requires_grad=True)
     ours = grouped_self_attention(attn, query_key, value, groups)
-    mask = group_attention_mask(groups) if len(groups) > 1 else None
-    theirs = attn(query_key.transpose(0, 1), query_key.transpose(0, 1), value.transpose(0, 1),
-                  attn_mask=mask)[0].transpose(0, 1)
+    assert torch.equal(query_self_attention(attn, query_key, value, groups), ours)  # what the model runs
+    theirs = upstream_forms.query_self_attention(attn, query_key, value, groups)
     torch.testing.assert_close(ours, theirs, **TOL)
     grad = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
     params = list(attn.parameters())
@@ -208,8 +206,7 @@ def test_attention_dropout_in_training_keeps_upstreams_computation():
     torch.manual_seed(5)
     ours = query_self_attention(attn, query_key, value, (3, 4))
     torch.manual_seed(5)
-    theirs = attn(query_key.transpose(0, 1), query_key.transpose(0, 1), value.transpose(0, 1),
-                  attn_mask=group_attention_mask((3, 4)))[0].transpose(0, 1)
+    theirs = upstream_forms.query_self_attention(attn, query_key, value, (3, 4))
     assert torch.equal(ours, theirs)
 
 
@@ -221,18 +218,16 @@ def test_per_image_matching_costs_equal_the_batched_cost_matrix():
     tgts = targets([4, 0, 6], num_classes=7, seed=6)
     tgts = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in tgts]
     matcher = HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
     # upstream: every query of the batch against every target of the batch, then the diagonal blocks
-    prob = logits.flatten(0, 1).sigmoid()
-    ids, tgt_boxes = torch.cat([t["labels"] for t in tgts]), torch.cat([t["boxes"] for t in tgts])
-    neg = 0.75 * prob ** 2 * -(1 - prob + 1e-8).log()
-    pos = 0.25 * (1 - prob) ** 2 * -(prob + 1e-8).log()
-    cost = (5 * torch.cdist(boxes.flatten(0, 1), tgt_boxes, p=1) + 2 * (pos[:, ids] - neg[:, ids])
-            - 2 * generalized_box_iou(box_cxcywh_to_xyxy(boxes.flatten(0, 1)), box_cxcywh_to_xyxy(tgt_boxes)))
-    blocks = cost.view(3, 11, -1).split([len(t["labels"]) for t in tgts], -1)
+    blocks = upstream_forms.matching_costs(matcher, outputs, tgts).split([len(t["labels"]) for t in tgts], -1)
     for i, t in enumerate(tgts):
         ours = matcher.cost_matrix(logits[i], boxes[i], t["labels"], t["boxes"])
         torch.testing.assert_close(ours, blocks[i][i], rtol=0, atol=1e-12)
-    assert [len(s) for s, _ in matcher({"pred_logits": logits, "pred_boxes": boxes}, tgts)] == [4, 0, 6]
+    matched = matcher(outputs, tgts)
+    assert [len(s) for s, _ in matched] == [4, 0, 6]
+    for (src, tgt), (ref_src, ref_tgt) in zip(matched, upstream_forms.matcher_forward(matcher, outputs, tgts)):
+        assert torch.equal(src, ref_src) and torch.equal(tgt, ref_tgt)
 
 
 MODEL_CONFIGS = {
@@ -262,7 +257,8 @@ def _flat(out, prefix=""):
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
-    """Train step and evaluation of a whole model, fast against upstream_operation_order(), on a padded batch."""
+    """Train step and evaluation of a whole model, the product's against upstream_operations(), on a padded
+    batch."""
     model, criterion, _, args = build(SMALL + MODEL_CONFIGS[name] + ["--backbone", "resnet18"])
     model.double()
     perturb(model, scale=0.1)
@@ -286,9 +282,10 @@ def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
     fast = _train_step(model, criterion, args, imgs, tgts)
     fast_calls = dict(calls)
     calls.update({k: 0 for k in calls})
-    with fast_paths.upstream_operation_order():
+    with upstream_operations() as upstream_calls:
         upstream = _train_step(model, criterion, args, imgs, tgts)
     assert calls["compiled op"] == 0 and calls["masked attention"] == args.dec_layers
+    assert set(upstream_calls) == {form_name(owner, attribute) for owner, attribute, _ in UPSTREAM_FORMS}
     if get_cpu_extension() is not None:
         assert fast_calls["compiled op"] == args.enc_layers + args.dec_layers
     assert fast_calls["masked attention"] == 0
@@ -306,15 +303,15 @@ def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
     model.eval()
     with torch.no_grad():
         evaluated = _flat(model(imgs))
-        with fast_paths.upstream_operation_order():
+        with upstream_operations():
             ref_evaluated = _flat(model(imgs))
     for key in ref_evaluated:
         torch.testing.assert_close(evaluated[key], ref_evaluated[key], **TOL, msg=key)
 
 
 def test_training_steps_with_the_fused_optimizer_equal_upstreams_in_float64():
-    """Three training steps (gradient clipping, AdamW's moments, the backbone's batch statistics): the fast paths
-    and the fused AdamW kernel against upstream's operation order and the plain AdamW loop."""
+    """Three training steps (gradient clipping, AdamW's moments, the backbone's batch statistics): the product's
+    forms and the fused AdamW kernel against upstream's forms and the plain AdamW loop."""
     model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18"])
     model.double()
     perturb(model, scale=0.1)
@@ -331,7 +328,7 @@ def test_training_steps_with_the_fused_optimizer_equal_upstreams_in_float64():
             for group in optimizer.param_groups:
                 group.update(fused=None, foreach=False)
         for imgs, tgts in batches:
-            with contextlib.nullcontext() if fast else fast_paths.upstream_operation_order():
+            with contextlib.nullcontext() if fast else upstream_operations():
                 _train_step(trained, criterion, args, imgs, tgts)
             torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_max_norm)
             optimizer.step()
@@ -343,23 +340,26 @@ def test_training_steps_with_the_fused_optimizer_equal_upstreams_in_float64():
         torch.testing.assert_close(fast[key], upstream[key], **TOL, msg=key)
 
 
-def test_upstream_operation_order_is_restored_after_the_block():
-    with fast_paths.upstream_operation_order():
-        assert not fast_paths.enabled()
-    assert fast_paths.enabled()
-    assert models.attention.fast_paths is fast_paths
+def test_upstream_operations_replace_the_product_forms_within_the_block_only():
+    product = [getattr(owner, attribute) for owner, attribute, _ in UPSTREAM_FORMS]
+    with upstream_operations():
+        assert deformable_transformer.feed_forward is not feed_forward
+        assert criterion_module.sigmoid_focal_loss is not sigmoid_focal_loss
+        assert not ms_deform_attn_func.use_compiled(torch.zeros(1))
+    assert [getattr(owner, attribute) for owner, attribute, _ in UPSTREAM_FORMS] == product
+    assert deformable_transformer.feed_forward is feed_forward
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_on_cuda_equals_upstreams_operation_order():
-    """On a GPU: the compiled CUDA op and the grouped attention against the PyTorch path and the masked attention."""
+    """On a GPU: the product (compiled CUDA op, grouped attention, ...) against upstream_operations()."""
     model, criterion, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--device", "cuda"])
     perturb(model, scale=0.1)
     model.cuda().train()
     imgs = [im.cuda() for im in images([(64, 96), (80, 64)])]
     tgts = [{k: v.cuda() for k, v in t.items()} for t in targets([3, 2])]
     out, losses, grads = _train_step(model, criterion, args, imgs, tgts)
-    with fast_paths.upstream_operation_order():
+    with upstream_operations():
         ref_out, ref_losses, ref_grads = _train_step(model, criterion, args, imgs, tgts)
     for key, value in _flat(ref_out).items():
         torch.testing.assert_close(_flat(out)[key], value, rtol=1e-4, atol=1e-4, msg=key)
@@ -402,15 +402,7 @@ def test_focal_loss_equals_upstreams_expressions_in_float64():
     onehot[1, [0, 29], [3, 3]] = 1
     for alpha in (0.25, 0.4, -1):
         ours = sigmoid_focal_loss(logits, onehot, 3.0, alpha=alpha, gamma=2)
-        prob = logits.sigmoid()
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        p_t = prob * onehot + (1 - prob) * (1 - onehot)
-        loss = ce * ((1 - p_t) ** 2)
-        if alpha >= 0:
-            loss = (alpha * onehot + (1 - alpha) * (1 - onehot)) * loss
-        theirs = loss.mean(1).sum() / 3.0
-        with fast_paths.upstream_operation_order():
-            assert torch.equal(sigmoid_focal_loss(logits, onehot, 3.0, alpha=alpha, gamma=2), theirs)
+        theirs = upstream_forms.sigmoid_focal_loss(logits, onehot, 3.0, alpha=alpha, gamma=2)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0],
                                    rtol=1e-10, atol=1e-14)
@@ -423,7 +415,7 @@ def test_paired_giou_is_the_diagonal_of_the_pairwise_giou_in_float64():
     boxes = box_cxcywh_to_xyxy(torch.cat([centres, sizes], -1)).requires_grad_()
     boxes.data[1, 3] = boxes.data[0, 3]  # one identical pair (IoU 1)
     ours = paired_generalized_box_iou(boxes[0], boxes[1])
-    theirs = torch.diag(generalized_box_iou(boxes[0], boxes[1]))
+    theirs = upstream_forms.paired_generalized_box_iou(boxes[0], boxes[1])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-15)
     grad = torch.randn(12, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(ours, boxes, grad)[0], torch.autograd.grad(theirs, boxes, grad)[0],
@@ -462,7 +454,7 @@ def test_feed_forward_equals_linear_relu_linear_in_float64(trainable):
     inputs = [t for t in [x, *params] if t.requires_grad]
     ours = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
     assert "ReluBackward0" not in _graph_nodes(ours)  # the in-place path ran, not autograd's Linear/ReLU/Linear
-    theirs = linear2(torch.nn.functional.relu(linear1(x)))
+    theirs = upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     grad = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     for g_ours, g_theirs in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
@@ -477,9 +469,18 @@ def test_feed_forward_keeps_upstreams_computation_with_dropout_or_another_activa
     torch.manual_seed(3)
     ours = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
     torch.manual_seed(3)
-    assert torch.equal(ours, linear2(dropout(torch.nn.functional.relu(linear1(x)))))
+    assert torch.equal(ours, upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x))
     gelu = feed_forward(linear1, linear2, torch.nn.functional.gelu, dropout.eval(), x)
-    assert torch.equal(gelu, linear2(torch.nn.functional.gelu(linear1(x))))
-    with fast_paths.upstream_operation_order():
-        assert "ReluBackward0" in _graph_nodes(feed_forward(linear1, linear2, torch.nn.functional.relu,
-                                                            dropout.eval(), x.requires_grad_()))
+    assert torch.equal(gelu, upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.gelu, dropout, x))
+
+
+def test_feed_forward_under_autocast_runs_autograds_modules():
+    """The in-place Function's hand-written backward takes one dtype; under autocast the block runs autograd's
+    Linear / ReLU / Linear, whose backward follows autocast's casts."""
+    linear1, linear2, dropout, x = (m.float() for m in _feed_forward_block())
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+    assert out.dtype == torch.bfloat16 and "ReluBackward0" in _graph_nodes(out)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and linear1.weight.grad.dtype == torch.float32
