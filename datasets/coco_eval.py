@@ -12,51 +12,66 @@ from util.misc import all_gather, is_main_process
 from .coco_file import AnnotationWarning, pycocotools
 
 SUPPORTED_IOU_TYPES = ("bbox",)
-COCO_MAX_DETS = 100  # detections per image COCO's AP counts (its maxDets), kept unless --topk asks for more
+# COCO's maxDets: the detections of one image and category its AP and AR count at most (the top-scoring ones)
+COCO_MAX_DETS = (1, 10, 100)
 # the 12 numbers of COCO's summary: (AP or AR, IoU threshold (None: their mean), area range, which maxDets)
 SUMMARY_ROWS = (
-    ("AP", None, "all", 2), ("AP", 0.5, "all", 2), ("AP", 0.75, "all", 2),
-    ("AP", None, "small", 2), ("AP", None, "medium", 2), ("AP", None, "large", 2),
-    ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", 2),
-    ("AR", None, "small", 2), ("AR", None, "medium", 2), ("AR", None, "large", 2),
+    ("AP", None, "all", -1), ("AP", 0.5, "all", -1), ("AP", 0.75, "all", -1),
+    ("AP", None, "small", -1), ("AP", None, "medium", -1), ("AP", None, "large", -1),
+    ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", -1),
+    ("AR", None, "small", -1), ("AR", None, "medium", -1), ("AR", None, "large", -1),
 )
 
 
-def max_detections(topk=COCO_MAX_DETS):
-    """COCO's maxDets (1, 10, 100), the last raised to ``topk`` when more detections per image are kept."""
-    return [1, 10, max(COCO_MAX_DETS, int(topk))]
+def max_detections(topk=COCO_MAX_DETS[-1]):
+    """COCO's maxDets (1, 10, 100); with ``topk`` above 100, ``topk`` is added as the largest, which the summary
+    reports at (100 stays, for the one line comparable with COCO's own AP)."""
+    return [*COCO_MAX_DETS] + ([int(topk)] if topk > COCO_MAX_DETS[-1] else [])
 
 
 def warn_if_capped(coco_gt, max_dets):
-    """A warning when images have more objects (crowd regions aside) than the detections evaluation counts:
-    their recall, hence AP, cannot reach 1."""
-    objects = Counter(a["image_id"] for a in coco_gt.anns.values() if not a.get("iscrowd", 0))
-    dense = [count for count in objects.values() if count > max_dets]
+    """A warning when an image has more objects of one category (crowd regions aside) than the detections
+    evaluation counts for it: its recall, hence AP, cannot reach 1."""
+    objects = Counter((a["image_id"], a["category_id"]) for a in coco_gt.anns.values() if not a.get("iscrowd", 0))
+    dense = {image: count for (image, _), count in objects.items() if count > max_dets}
     if dense and is_main_process():
-        warnings.warn(f"{len(dense)} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes than "
-                      f"the {max_dets} detections COCO's AP counts per image (maxDets), up to {max(dense)}: their "
-                      f"recall, hence AP, is capped; --topk above 100 (e.g. --topk {max(dense)}) raises maxDets "
-                      "(docs/data.md)", AnnotationWarning, stacklevel=3)
+        most = max(dense.values())
+        warnings.warn(f"{len(dense)} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes of one "
+                      f"category than the {max_dets} detections per image and category COCO's AP counts (maxDets), "
+                      f"up to {most}: their recall, hence AP, is capped; --topk above 100 (e.g. --topk {most}) "
+                      "raises maxDets (docs/data.md)", AnnotationWarning, stacklevel=3)
+
+
+def _summary_line(kind, iou, area, max_dets, value, params):
+    name = "Average Precision  (AP)" if kind == "AP" else "Average Recall     (AR)"
+    thresholds = f"{params.iouThrs[0]:0.2f}:{params.iouThrs[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
+    return f" {name} @[ IoU={thresholds:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {value:0.3f}"
+
+
+def _summary_value(coco_eval, kind, iou, area, max_dets_index):
+    """Mean precision (or recall) over the IoU thresholds (or one), the categories with ground truth and the recall
+    thresholds at one area range and maxDets; -1 when nothing has ground truth."""
+    params = coco_eval.params
+    values = coco_eval.eval["precision" if kind == "AP" else "recall"]  # [T, R, K, A, M] or [T, K, A, M]
+    if iou is not None:
+        values = values[np.abs(np.asarray(params.iouThrs) - iou) < 1e-9]
+    values = values[..., list(params.areaRngLbl).index(area), max_dets_index]
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
 
 
 def summary_stats(coco_eval):
-    """The 12 numbers of COCO's summary (as COCOeval.summarize computes them) from an accumulated COCOeval, at its
-    own maxDets (COCOeval.summarize looks for 100 in the first one); a category without ground truth is left out,
-    -1 when nothing is left. Returns (stats float64 [12], the table's lines)."""
+    """The 12 numbers of COCO's summary from an accumulated COCOeval, computed as COCOeval.summarize does but at
+    the largest of its maxDets (COCOeval.summarize looks for 100); with a raised maxDets, the table adds AP at COCO's
+    100. Returns (stats float64 [12], the table's lines)."""
     params, stats, lines = coco_eval.params, np.zeros(len(SUMMARY_ROWS)), []
     for row, (kind, iou, area, max_dets_index) in enumerate(SUMMARY_ROWS):
-        area_index = list(params.areaRngLbl).index(area)
-        max_dets = params.maxDets[max_dets_index]
-        # precision [T, R, K, A, M], recall [T, K, A, M]
-        values = coco_eval.eval["precision" if kind == "AP" else "recall"]
-        if iou is not None:
-            values = values[np.abs(np.asarray(params.iouThrs) - iou) < 1e-9]
-        values = values[..., area_index, max_dets_index]
-        valid = values[values > -1]
-        stats[row] = np.mean(valid) if valid.size else -1
-        name = "Average Precision  (AP)" if kind == "AP" else "Average Recall     (AR)"
-        thresholds = f"{params.iouThrs[0]:0.2f}:{params.iouThrs[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
-        lines.append(f" {name} @[ IoU={thresholds:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {stats[row]:0.3f}")
+        stats[row] = _summary_value(coco_eval, kind, iou, area, max_dets_index)
+        lines.append(_summary_line(kind, iou, area, params.maxDets[max_dets_index], stats[row], params))
+    if params.maxDets[-1] != COCO_MAX_DETS[-1] and COCO_MAX_DETS[-1] in params.maxDets:
+        at_coco = _summary_value(coco_eval, "AP", None, "all", list(params.maxDets).index(COCO_MAX_DETS[-1]))
+        lines.append(_summary_line("AP", None, "all", COCO_MAX_DETS[-1], at_coco, params)
+                     + "  (COCO's maxDets, as upstream's --topk 300 results)")
     return stats, lines
 
 
@@ -97,10 +112,10 @@ class CocoEvaluator:
 
     ``coco_eval[iou_type]`` is a ``COCOeval``; its ``stats`` (the 12 summary numbers) and ``eval`` are set
     by ``accumulate()`` / ``summarize()``. ``topk`` (the detections kept per image, --topk) above COCO's 100 raises
-    the maxDets the summary counts at; at most 100 leaves COCO's (1, 10, 100).
+    the maxDets the summary counts at (see max_detections); at most 100 leaves COCO's (1, 10, 100).
     """
 
-    def __init__(self, coco_gt, iou_types, topk=COCO_MAX_DETS):
+    def __init__(self, coco_gt, iou_types, topk=COCO_MAX_DETS[-1]):
         unsupported = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
         if unsupported:
             raise ValueError(f"unsupported iou types {unsupported}; supported: {SUPPORTED_IOU_TYPES}")

@@ -217,7 +217,7 @@ def test_a_malformed_annotation_file_names_itself(coco_copy, text):
         build_dataset("val", parse("--coco_path", coco_copy, "--num_classes", 7))
 
 
-@pytest.mark.parametrize("topk, max_dets", [(100, [1, 10, 100]), (150, [1, 10, 150])])
+@pytest.mark.parametrize("topk, max_dets", [(100, [1, 10, 100]), (150, [1, 10, 100, 150])])
 def test_evaluation_counts_topk_detections_when_it_is_above_100(coco, tmp_path, topk, max_dets):
     """main.py --eval --topk: the saved evaluation's maxDets (engine.evaluate passes the post-processor's topk)."""
     from util.plot_utils import load_evaluation

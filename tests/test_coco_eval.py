@@ -144,20 +144,23 @@ def test_the_summary_is_pycocotools_own_at_cocos_maxdets(coco_gt, capsys):
 
 
 def test_dense_images_are_reported_and_topk_raises_maxdets(tmp_path):
+    """COCO's maxDets counts detections per image and category: 150 objects of one class are capped at 100."""
     coco = dense_coco(tmp_path, objects=150)
-    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes than the 100 "
-                                         r"detections COCO's AP counts per image \(maxDets\), up to 150: .*--topk "
-                                         r"above 100 \(e\.g\. --topk 150\) raises maxDets"):
+    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes of one category "
+                                         r"than the 100 detections per image and category COCO's AP counts "
+                                         r"\(maxDets\), up to 150: .*--topk above 100 \(e\.g\. --topk 150\) raises "
+                                         r"maxDets"):
         capped = CocoEvaluator(coco, ["bbox"])
     capped_stats = evaluate_all(capped, coco)
     assert capped_stats[0] < 0.7 and capped_stats[8] == pytest.approx(100 / 150)  # AR@100: 100 of 150 found
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         raised = CocoEvaluator(coco, ["bbox"], topk=150)
-    assert raised.coco_eval["bbox"].params.maxDets == [1, 10, 150]
+    assert raised.coco_eval["bbox"].params.maxDets == [1, 10, 100, 150]
     stats = evaluate_all(raised, coco)
     assert stats[0] == pytest.approx(1.0) and stats[8] == pytest.approx(1.0)
     assert stats[6] == pytest.approx(1 / 150) and stats[7] == pytest.approx(10 / 150)  # AR@1, AR@10 as COCO's
+    assert raised.coco_eval["bbox"].eval["precision"][..., 0, 2].mean() == pytest.approx(capped_stats[0])  # at 100
     assert CocoEvaluator(coco_gt=dense_coco(tmp_path, 5), iou_types=["bbox"], topk=50).coco_eval[
         "bbox"].params.maxDets == [1, 10, 100]  # fewer than 100 kept: COCO's maxDets
 
@@ -178,3 +181,5 @@ def test_the_table_names_the_raised_maxdets(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ] = 1.000"
     assert lines[9] == " Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ] = 1.000"
+    assert lines[13].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.")
+    assert lines[13].endswith("(COCO's maxDets, as upstream's --topk 300 results)") and len(lines) == 14

@@ -210,5 +210,7 @@ def test_precision_recall_at_a_raised_maxdets(tmp_path):
     evaluation = plot_utils.load_evaluation(tmp_path / "eval.pth")
     _, precision, _ = plot_utils.precision_recall(evaluation)  # at maxDets 300, the largest
     assert precision.mean() == pytest.approx(evaluator.stats()[1])
-    with pytest.raises(ValueError, match=r"max_dets 100 was not evaluated: maxDets \[1, 10, 300\]"):
-        plot_utils.precision_recall(evaluation, max_dets=100)
+    _, at_coco, _ = plot_utils.precision_recall(evaluation, max_dets=100)
+    assert at_coco.mean() == pytest.approx(precision.mean())  # at most 6 objects an image: no cap here
+    with pytest.raises(ValueError, match=r"max_dets 50 was not evaluated: maxDets \[1, 10, 100, 300\]"):
+        plot_utils.precision_recall(evaluation, max_dets=50)
