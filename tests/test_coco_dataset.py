@@ -298,8 +298,8 @@ def test_exif_orientation_is_applied_and_boxes_are_on_the_displayed_image(root_c
     assert (x0, y0, x1, y1) == (12, 0, 24, 20)
     region = np.asarray(image)[y0 + 2:y1 - 2, x0 + 2:x1 - 2].reshape(-1, 3).mean(0)
     assert region[0] > 200 and region[1] < 40 and region[2] < 40  # the box holds the red quarter
-    # and through the transforms training / evaluation use
-    item, _ = build_dataset(split, make_args(root_copy))[0]
+    # and through the transforms training / evaluation use (no random crop, which could make it landscape)
+    item, _ = build_dataset(split, make_args(root_copy, no_crop_augment=True))[0]
     assert item.shape[1] > item.shape[2]  # portrait, as displayed
 
 
