@@ -191,7 +191,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     criterion.eval()
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",), topk=postprocessors["bbox"].topk)  # --topk > 100: maxDets
     weight_dict = criterion.weight_dict
     try:
         for samples, targets, *views in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):

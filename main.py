@@ -21,6 +21,7 @@ from models.backbone import load_pretrained_backbone
 from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer, as before)
 from util.arguments import argument_problems, check_args, check_device, get_args_parser  # noqa: F401 (upstream's)
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
+from util.download import DownloadError
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
     epoch_seed,
@@ -194,5 +195,7 @@ if __name__ == "__main__":
     except Preempted as stopped:
         print(stopped, flush=True)
         exit_code = 128 + stopped.signum  # the shell's convention for "ended by this signal"
+    except DownloadError as error:  # no network, a wrong URL: one line naming the URL and why, not a traceback
+        sys.exit(f"main.py: {error}")
     utils.close_distributed_mode()  # after a clean end only: after an error, other processes may be mid-collective
     sys.exit(exit_code)

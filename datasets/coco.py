@@ -1,17 +1,17 @@
-"""COCO-format detection dataset: an image folder plus an ``instances_*.json`` file read with pycocotools."""
+"""COCO-format detection dataset: an image folder plus an ``instances_*.json`` file, checked by datasets.coco_file
+and indexed with pycocotools."""
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from util.image_io import decode_image, read_bytes
 from util.misc import get_local_rank, get_local_size
 
+from .coco_file import annotation_error, load_coco_annotations, pycocotools, read_coco_json
 from .transforms import make_coco_transforms
 from .tta import MultiScaleViews, tta_scales
 
@@ -24,36 +24,30 @@ COCO_SPLITS = {
 }
 
 
-def _annotation_error(ann_file, error):
-    return ValueError(f"cannot read the COCO annotations {ann_file}: {type(error).__name__}: {error}")
-
-
 def load_coco_api(ann_file):
-    """pycocotools COCO object of ``ann_file``, without its progress prints; a malformed file names itself."""
-    ann_file = Path(ann_file)
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
-    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as error:  # bad JSON, or not COCO
-        raise _annotation_error(ann_file, error) from error
+    """pycocotools COCO object of ``ann_file`` once the file has passed datasets.coco_file's checks (missing area
+    and iscrowd filled in), without pycocotools' progress prints."""
+    coco = pycocotools("coco").COCO()
+    coco.dataset = load_coco_annotations(ann_file)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def num_classes_from_annotations(ann_file):
     """Classifier size for the categories of ``ann_file``: largest category id + 1 (91 for COCO)."""
     ann_file = Path(ann_file)
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    try:
-        with open(ann_file) as f:
-            categories = json.load(f).get("categories", [])
-        ids = [int(c["id"]) for c in categories]
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise _annotation_error(ann_file, error) from error
-    if not ids:
+    for split, (_, relative) in COCO_SPLITS.items():  # a split's file under a --coco_path: its layout first
+        if ann_file.parts[-2:] == relative.parts and not ann_file.is_file() and ann_file.parents[1].is_dir():
+            check_layout(ann_file.parents[1], split)
+    data = read_coco_json(ann_file)
+    categories = data.get("categories", [])
+    if not isinstance(categories, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), int)
+                                                   and not isinstance(c["id"], bool) for c in categories):
+        raise annotation_error(ann_file, "'categories' is not a list of objects with integer ids")
+    if not categories:
         raise ValueError(f"{ann_file} lists no categories")
-    return max(ids) + 1
+    return max(c["id"] for c in categories) + 1
 
 
 def category_names(coco_path):
@@ -61,7 +55,7 @@ def category_names(coco_path):
     for _, ann_file in (COCO_SPLITS["val"], COCO_SPLITS["train"]):
         path = Path(coco_path) / ann_file
         if path.is_file():
-            return {int(c["id"]): c["name"] for c in json.loads(path.read_text()).get("categories", [])}
+            return {int(c["id"]): str(c.get("name", c["id"])) for c in read_coco_json(path).get("categories", [])}
     return {}
 
 
@@ -103,10 +97,9 @@ class CocoDetection(Dataset):
         self.img_folder = Path(img_folder)
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.img_folder}")
+        self.ann_file = Path(ann_file)
         self.coco = load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs.keys())
-        if not self.ids:
-            raise ValueError(f"{ann_file} lists no images")
         self._check_image_files(ann_file)
         if num_classes is not None:
             self._check_labels(ann_file, num_classes)
@@ -127,8 +120,11 @@ class CocoDetection(Dataset):
         missing = [name for name in (self.coco.imgs[i]["file_name"] for i in self.ids)
                    if name not in present and not (self.img_folder / name).is_file()]
         if missing:
+            relative_to_parent = [name for name in missing[:5] if (self.img_folder.parent / name).is_file()]
+            hint = (f" (found under {self.img_folder.parent} instead: file_name is relative to the image folder "
+                    f"{self.img_folder.name}/)") if relative_to_parent else ""
             raise FileNotFoundError(f"{len(missing)} of the {len(self.ids)} images listed in {ann_file} are not in "
-                                    f"{self.img_folder}, e.g. {', '.join(missing[:5])}")
+                                    f"{self.img_folder}, e.g. {', '.join(missing[:5])}{hint}")
 
     def _check_labels(self, ann_file, num_classes):
         """Every annotation's category id is an output of the classifier (0 .. num_classes - 1)."""
@@ -145,11 +141,22 @@ class CocoDetection(Dataset):
                 self.cache[image_id] = read_bytes(self._image_path(image_id))
 
     def load_image(self, image_id):
+        """The image as displayed (EXIF orientation applied, 8-bit RGB); a size other than the annotation file's
+        width and height is an error naming the file: its boxes would not be where they were drawn."""
         path = self._image_path(image_id)
         data = self.cache.get(image_id)
         if data is None:
             data = read_bytes(path)
-        return decode_image(data, path)
+        image = decode_image(data, path)
+        info = self.coco.imgs[image_id]
+        listed = (info.get("width"), info.get("height"))
+        if None not in listed and image.size != listed:
+            swapped = " (swapped: were the boxes drawn on the stored pixels, ignoring the EXIF orientation?)" \
+                if image.size == listed[::-1] else ""
+            raise ValueError(f"image {path} is {image.width} x {image.height} pixels as displayed (EXIF orientation "
+                             f"applied), but {self.ann_file} gives image {image_id} width {listed[0]}, height "
+                             f"{listed[1]}{swapped}")
+        return image
 
     def __len__(self):
         return len(self.ids)
@@ -184,6 +191,29 @@ def dataset_root(args):
     return root
 
 
+def _has_layout(folder, split):
+    img_folder, ann_file = COCO_SPLITS[split]
+    return (folder / img_folder).is_dir() and (folder / ann_file).is_file()
+
+
+def check_layout(root, split):
+    """The image folder and annotation file of ``split`` are under ``root``; else an error showing COCO's layout,
+    what ``root`` holds and, when the layout is one level up or down, that folder."""
+    if _has_layout(root, split):
+        return
+    img_folder, ann_file = COCO_SPLITS[split]
+    missing = [str(root / p) + ("/" if p == img_folder else "") for p in (img_folder, ann_file)
+               if not (root / p).exists()]
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    near = [root.parent] + sorted(p for p in root.iterdir() if p.is_dir())
+    found = next((folder for folder in near if _has_layout(folder, split)), None)
+    hint = f"; did you mean --coco_path {found}?" if found is not None else ""
+    raise FileNotFoundError(f"--coco_path {root} does not have COCO's layout (train2017/, val2017/, "
+                            f"annotations/instances_train2017.json, annotations/instances_val2017.json): "
+                            f"{' and '.join(missing) or 'the ' + split + ' files'} not found; it holds "
+                            f"{', '.join(entries[:10]) or 'nothing'}{', ...' if len(entries) > 10 else ''}{hint}")
+
+
 def build(image_set, args):
     """COCO split ``image_set`` under ``args.coco_path``; ``args.eval_in_training_set`` evaluates on train."""
     root = dataset_root(args)
@@ -193,6 +223,7 @@ def build(image_set, args):
     if image_set == "val" and getattr(args, "eval_in_training_set", False):
         split = "train"
     img_folder, ann_file = COCO_SPLITS[split]
+    check_layout(root, split)
     transforms = make_coco_transforms(image_set, **transform_options(args))
     if image_set == "val" and getattr(args, "tta", False):
         transforms = MultiScaleViews(transforms, tta_scales(args))  # every image also at the --tta_scales

@@ -2,14 +2,77 @@
 import contextlib
 import copy
 import io
+import warnings
+from collections import Counter
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from util.misc import all_gather
+from util.misc import all_gather, is_main_process
+
+from .coco_file import AnnotationWarning, pycocotools
 
 SUPPORTED_IOU_TYPES = ("bbox",)
+# COCO's maxDets: the detections of one image and category its AP and AR count at most (the top-scoring ones)
+COCO_MAX_DETS = (1, 10, 100)
+# the 12 numbers of COCO's summary: (AP or AR, IoU threshold (None: their mean), area range, which maxDets)
+SUMMARY_ROWS = (
+    ("AP", None, "all", -1), ("AP", 0.5, "all", -1), ("AP", 0.75, "all", -1),
+    ("AP", None, "small", -1), ("AP", None, "medium", -1), ("AP", None, "large", -1),
+    ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", -1),
+    ("AR", None, "small", -1), ("AR", None, "medium", -1), ("AR", None, "large", -1),
+)
+
+
+def max_detections(topk=COCO_MAX_DETS[-1]):
+    """COCO's maxDets (1, 10, 100); with ``topk`` above 100, ``topk`` is added as the largest, which the summary
+    reports at (100 stays, for the one line comparable with COCO's own AP)."""
+    return [*COCO_MAX_DETS] + ([int(topk)] if topk > COCO_MAX_DETS[-1] else [])
+
+
+def warn_if_capped(coco_gt, max_dets):
+    """A warning when an image has more objects of one category (crowd regions aside) than the detections
+    evaluation counts for it: its recall, hence AP, cannot reach 1."""
+    objects = Counter((a["image_id"], a["category_id"]) for a in coco_gt.anns.values() if not a.get("iscrowd", 0))
+    dense = {image: count for (image, _), count in objects.items() if count > max_dets}
+    if dense and is_main_process():
+        most = max(dense.values())
+        warnings.warn(f"{len(dense)} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes of one "
+                      f"category than the {max_dets} detections per image and category COCO's AP counts (maxDets), "
+                      f"up to {most}: their recall, hence AP, is capped; --topk above 100 (e.g. --topk {most}) "
+                      "raises maxDets (docs/data.md)", AnnotationWarning, stacklevel=3)
+
+
+def _summary_line(kind, iou, area, max_dets, value, params):
+    name = "Average Precision  (AP)" if kind == "AP" else "Average Recall     (AR)"
+    thresholds = f"{params.iouThrs[0]:0.2f}:{params.iouThrs[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
+    return f" {name} @[ IoU={thresholds:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {value:0.3f}"
+
+
+def _summary_value(coco_eval, kind, iou, area, max_dets_index):
+    """Mean precision (or recall) over the IoU thresholds (or one), the categories with ground truth and the recall
+    thresholds at one area range and maxDets; -1 when nothing has ground truth."""
+    params = coco_eval.params
+    values = coco_eval.eval["precision" if kind == "AP" else "recall"]  # [T, R, K, A, M] or [T, K, A, M]
+    if iou is not None:
+        values = values[np.abs(np.asarray(params.iouThrs) - iou) < 1e-9]
+    values = values[..., list(params.areaRngLbl).index(area), max_dets_index]
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def summary_stats(coco_eval):
+    """The 12 numbers of COCO's summary from an accumulated COCOeval, computed as COCOeval.summarize does but at
+    the largest of its maxDets (COCOeval.summarize looks for 100); with a raised maxDets, the table adds AP at COCO's
+    100. Returns (stats float64 [12], the table's lines)."""
+    params, stats, lines = coco_eval.params, np.zeros(len(SUMMARY_ROWS)), []
+    for row, (kind, iou, area, max_dets_index) in enumerate(SUMMARY_ROWS):
+        stats[row] = _summary_value(coco_eval, kind, iou, area, max_dets_index)
+        lines.append(_summary_line(kind, iou, area, params.maxDets[max_dets_index], stats[row], params))
+    if params.maxDets[-1] != COCO_MAX_DETS[-1] and COCO_MAX_DETS[-1] in params.maxDets:
+        at_coco = _summary_value(coco_eval, "AP", None, "all", list(params.maxDets).index(COCO_MAX_DETS[-1]))
+        lines.append(_summary_line("AP", None, "all", COCO_MAX_DETS[-1], at_coco, params)
+                     + "  (COCO's maxDets, as upstream's --topk 300 results)")
+    return stats, lines
 
 
 def predictions_to_coco_results(image_id, prediction):
@@ -33,7 +96,7 @@ def load_detections(coco_gt, results):
     for ann_id, result in enumerate(results, start=1):
         x, y, w, h = result["bbox"]
         annotations.append({**result, "id": ann_id, "area": w * h, "iscrowd": 0})
-    coco_dt = COCO()
+    coco_dt = pycocotools("coco").COCO()
     coco_dt.dataset = {
         "images": list(coco_gt.dataset["images"]),
         "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
@@ -48,16 +111,21 @@ class CocoEvaluator:
     """Collects per-image detections, then scores every seen image once with pycocotools.
 
     ``coco_eval[iou_type]`` is a ``COCOeval``; its ``stats`` (the 12 summary numbers) and ``eval`` are set
-    by ``accumulate()`` / ``summarize()``.
+    by ``accumulate()`` / ``summarize()``. ``topk`` (the detections kept per image, --topk) above COCO's 100 raises
+    the maxDets the summary counts at (see max_detections); at most 100 leaves COCO's (1, 10, 100).
     """
 
-    def __init__(self, coco_gt, iou_types):
+    def __init__(self, coco_gt, iou_types, topk=COCO_MAX_DETS[-1]):
         unsupported = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
         if unsupported:
             raise ValueError(f"unsupported iou types {unsupported}; supported: {SUPPORTED_IOU_TYPES}")
         self.coco_gt = copy.deepcopy(coco_gt)  # COCOeval annotates ground-truth dicts in place
         self.iou_types = list(iou_types)
-        self.coco_eval = {t: COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
+        cocoeval = pycocotools("cocoeval")
+        self.coco_eval = {t: cocoeval.COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
+        for coco_eval in self.coco_eval.values():
+            coco_eval.params.maxDets = max_detections(topk)
+        warn_if_capped(self.coco_gt, max_detections(topk)[-1])
         self.detections = {}  # image id -> list of COCO result dicts
 
     def update(self, predictions):
@@ -94,9 +162,9 @@ class CocoEvaluator:
         """Fill ``coco_eval[t].stats`` for each iou type, printing the standard COCO table unless ``table`` is
         False."""
         for iou_type, coco_eval in self.coco_eval.items():
-            with contextlib.nullcontext() if table else contextlib.redirect_stdout(io.StringIO()):
-                print(f"IoU metric: {iou_type}")
-                coco_eval.summarize()
+            coco_eval.stats, lines = summary_stats(coco_eval)
+            if table:
+                print(f"IoU metric: {iou_type}", *lines, sep="\n")
 
     def stats(self, iou_type="bbox"):
         """The 12 summary numbers of ``iou_type`` as a float array (after ``summarize``)."""

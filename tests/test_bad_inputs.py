@@ -181,14 +181,17 @@ def test_every_config_script_passes_the_checks():
 
 def test_labels_outside_the_classifier_are_found_when_the_dataset_is_built(coco_copy):
     def relabel(data):
+        data["categories"].append({"id": 12, "name": "extra", "supercategory": "shape"})
         data["annotations"][1]["category_id"] = 12
 
     edit_annotations(coco_copy, "train", relabel)
     with pytest.raises(ValueError, match=r"instances_train2017\.json.*category ids outside the classifier's 7 "
                                          r"outputs \(--num_classes 7\): \[12\].*--num_classes 13"):
         build_dataset("train", parse("--coco_path", coco_copy, "--num_classes", 7))
+    # a category id that the categories do not list is refused whatever the classifier
     edit_annotations(coco_copy, "train", lambda d: d["annotations"][1].update(category_id=-1))
-    with pytest.raises(ValueError, match=r"\[-1\]"):
+    with pytest.raises(ValueError, match=r"instances_train2017\.json: 1 annotation with a category_id that is not "
+                                         r"among the categories' ids \(e\.g\. annotation 2: -1\)"):
         build_dataset("train", parse("--coco_path", coco_copy, "--num_classes", 7))
 
 
@@ -212,6 +215,33 @@ def test_a_malformed_annotation_file_names_itself(coco_copy, text):
     annotations(coco_copy, "val").write_text(text)
     with pytest.raises(ValueError, match=r"cannot read the COCO annotations .*instances_val2017\.json"):
         build_dataset("val", parse("--coco_path", coco_copy, "--num_classes", 7))
+
+
+@pytest.mark.parametrize("topk, max_dets", [(100, [1, 10, 100]), (150, [1, 10, 100, 150])])
+def test_evaluation_counts_topk_detections_when_it_is_above_100(coco, tmp_path, topk, max_dets):
+    """main.py --eval --topk: the saved evaluation's maxDets (engine.evaluate passes the post-processor's topk)."""
+    from util.plot_utils import load_evaluation
+
+    out = tmp_path / f"eval{topk}"
+    stats = project_main.main(parse("--coco_path", coco, "--eval", "--topk", topk, "--output_dir", out))
+    assert list(load_evaluation(out / "eval.pth")["params"].maxDets) == max_dets
+    assert len(stats["coco_eval_bbox"]) == 12 and stats["coco_eval_bbox"][0] >= 0
+
+
+def test_missing_area_and_iscrowd_do_not_stop_a_run_after_its_epoch(coco_copy, tmp_path):
+    """Filled in at load (one warning per file): the run trains, evaluates and writes its log line."""
+    def strip(data):
+        for ann in data["annotations"]:
+            del ann["area"], ann["iscrowd"]
+
+    edit_annotations(coco_copy, "train", strip)
+    edit_annotations(coco_copy, "val", strip)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"filled in the missing 'area'") as caught:
+        project_main.main(parse("--coco_path", coco_copy, "--output_dir", out, "--epochs", 1))
+    assert sum("filled in the missing" in str(w.message) for w in caught) == 2  # train and val, once each
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(log) == 1 and len(log[0]["test_coco_eval_bbox"]) == 12
 
 
 # ------------------------------------------------------------------------------------------ runs and checkpoints
@@ -369,6 +399,26 @@ def test_infer_keeps_drawings_of_images_with_the_same_name_apart(coco, tmp_path)
     assert drawings == ["a_x_jpg_detections.jpg", "b_x_jpg_detections.jpg"]
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["drawing"] for r in results] == drawings
+
+
+def test_infer_reads_photos_as_displayed_by_their_exif_orientation(coco, tmp_path):
+    """A 60 x 40 photo stored landscape with orientation 8 (turn 90 degrees counter-clockwise) is detected on, and
+    drawn as, the 40 x 60 portrait image a viewer shows."""
+    tool = runpy.run_path(str(ROOT / "tools" / "infer.py"))
+    args = parse("--coco_path", coco, "--num_classes", 7, "--topk", 5)
+    model, _, _ = build_model(args)
+    save_checkpoint({"model": model.state_dict(), "args": args}, tmp_path / "model.pth")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.tile(np.arange(60, dtype=np.uint8) * 4, (40, 1))).convert("RGB").save(
+        tmp_path / "photo.jpg", exif=exif.tobytes())
+    code = tool["main"](["--resume", str(tmp_path / "model.pth"), "--images", str(tmp_path / "photo.jpg"), "--out",
+                         str(tmp_path / "out"), "--threshold", "0"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "detections.json").read_text())[0]
+    assert (result["width"], result["height"]) == (40, 60)
+    assert result["detections"] and all(d["box"][2] <= 40.01 and d["box"][3] <= 60.01 for d in result["detections"])
+    assert Image.open(tmp_path / "out" / result["drawing"]).size == (40, 60)
 
 
 def test_output_dir_that_is_a_file_and_coco_path_that_is_a_file(coco, tmp_path):

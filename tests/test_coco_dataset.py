@@ -126,6 +126,7 @@ def test_corrupt_image_file(root_copy, damage):
         dataset[0]
 
 
+@pytest.mark.filterwarnings("ignore:.*boxes:datasets.coco_file.AnnotationWarning")  # the boxes outside, on purpose
 def test_image_without_annotations_crowd_and_clamping(root_copy):
     data = load_json(root_copy, "val")
     first, second = data["images"][0], data["images"][1]
@@ -213,3 +214,145 @@ def test_image_mode_is_rgb(root_copy):
     Image.open(path).convert("L").save(path, format="JPEG")
     image, _ = dataset[0]
     assert image.shape[0] == 3
+
+
+# ------------------------------------------------------------------------------------------ layout and file names
+
+
+@pytest.mark.parametrize("where", ["train2017", "annotations", "parent"])
+def test_a_coco_path_with_the_wrong_layout_names_the_layout_and_the_right_folder(root_copy, where):
+    coco_path = root_copy.parent if where == "parent" else root_copy / where
+    with pytest.raises(FileNotFoundError, match=rf"--coco_path {coco_path} does not have COCO's layout \(train2017/, "
+                                                r"val2017/, annotations/instances_train2017\.json, .*not found; it "
+                                                rf"holds .*; did you mean --coco_path {root_copy}\?"):
+        build_dataset("train", make_args(coco_path))
+    # main.py reads the categories first: the same message
+    with pytest.raises(FileNotFoundError, match=rf"did you mean --coco_path {root_copy}\?"):
+        num_classes_from_annotations(coco_path / "annotations" / "instances_train2017.json")
+
+
+def test_a_layout_missing_one_split_names_what_is_missing(root_copy):
+    shutil.rmtree(root_copy / "val2017")
+    build_dataset("train", make_args(root_copy))  # the training split is complete
+    with pytest.raises(FileNotFoundError, match=r"val2017/ not found; it holds annotations/, manifest\.json, "
+                                                r"train2017/$"):
+        build_dataset("val", make_args(root_copy))
+
+
+def test_file_names_that_include_the_image_folder_get_a_hint(root_copy):
+    data = load_json(root_copy, "val")
+    for image in data["images"]:
+        image["file_name"] = "val2017/" + image["file_name"]
+    write_json(root_copy, "val", data)
+    with pytest.raises(FileNotFoundError, match=r"3 of the 3 images listed .* are not in .*val2017, e\.g\. "
+                                                r"val2017/.*\(found under .* instead: file_name is relative to the "
+                                                r"image folder val2017/\)"):
+        build_dataset("val", make_args(root_copy))
+
+
+# ------------------------------------------------------------------------------------------ EXIF orientation and modes
+
+
+def stored_and_displayed(width=40, height=24):
+    """An image with distinct corners (as stored), and what orientation 6 (turn 90 degrees clockwise) displays."""
+    import numpy as np
+
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (255, 0, 0)  # red top-left
+    pixels[: height // 2, width // 2:] = (0, 255, 0)  # green top-right
+    pixels[height // 2:, : width // 2] = (0, 0, 255)  # blue bottom-left
+    stored = Image.fromarray(pixels)
+    return stored, stored.transpose(Image.Transpose.ROTATE_270)
+
+
+def save_with_orientation(image, path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    image.save(path, format="JPEG", quality=98, subsampling=0, exif=exif.tobytes())
+
+
+def use_one_oriented_image(root, split, width, height, box):
+    """The split lists one image (its first file, to be overwritten) of the given size with one box; its path."""
+    data = load_json(root, split)
+    image = dict(data["images"][0], width=width, height=height)
+    data["images"] = [image]
+    data["annotations"] = [{"id": 1, "image_id": image["id"], "category_id": 1, "bbox": box, "area": box[2] * box[3],
+                            "iscrowd": 0}]
+    write_json(root, split, data)
+    return root / f"{split}2017" / image["file_name"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_exif_orientation_is_applied_and_boxes_are_on_the_displayed_image(root_copy, split):
+    import numpy as np
+
+    stored, displayed = stored_and_displayed()
+    # the red quarter, which is the top-right one as displayed: x 12..24, y 0..20 of a 24 x 40 image
+    path = use_one_oriented_image(root_copy, split, 24, 40, [12, 0, 12, 20])
+    save_with_orientation(stored, path, 6)
+    dataset = CocoDetection(root_copy / f"{split}2017", root_copy / "annotations" / f"instances_{split}2017.json")
+    image, target = dataset[0]
+    assert image.size == (24, 40) and target["orig_size"].tolist() == [40, 24]
+    assert np.abs(np.asarray(image, dtype=float) - np.asarray(displayed, dtype=float)).mean() < 3
+    x0, y0, x1, y1 = target["boxes"][0].int().tolist()
+    assert (x0, y0, x1, y1) == (12, 0, 24, 20)
+    region = np.asarray(image)[y0 + 2:y1 - 2, x0 + 2:x1 - 2].reshape(-1, 3).mean(0)
+    assert region[0] > 200 and region[1] < 40 and region[2] < 40  # the box holds the red quarter
+    # and through the transforms training / evaluation use (no random crop, which could make it landscape)
+    item, _ = build_dataset(split, make_args(root_copy, no_crop_augment=True))[0]
+    assert item.shape[1] > item.shape[2]  # portrait, as displayed
+
+
+def test_every_exif_orientation_decodes_to_the_displayed_image():
+    import io
+
+    import numpy as np
+
+    from util.image_io import decode_image
+
+    stored, _ = stored_and_displayed()
+    transposes = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+    for orientation, transpose in transposes.items():
+        buffer = io.BytesIO()
+        save_with_orientation(stored, buffer, orientation)
+        decoded = decode_image(buffer.getvalue(), f"o{orientation}.jpg")
+        expected = stored if transpose is None else stored.transpose(transpose)
+        assert decoded.size == expected.size, orientation
+        assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(expected, dtype=float)).mean() < 3, orientation
+
+
+def test_a_size_other_than_the_annotation_files_is_an_error_naming_the_file(root_copy):
+    stored, _ = stored_and_displayed()
+    path = use_one_oriented_image(root_copy, "val", 40, 24, [0, 0, 10, 10])  # the stored size, not the displayed
+    save_with_orientation(stored, path, 6)
+    dataset = build_dataset("val", make_args(root_copy))
+    with pytest.raises(ValueError, match=rf"image .*{path.name} is 24 x 40 pixels as displayed \(EXIF orientation "
+                                         r"applied\), but .*instances_val2017\.json gives image \d+ width 40, height "
+                                         r"24 \(swapped: were the boxes drawn on the stored pixels"):
+        dataset[0]
+    Image.new("RGB", (30, 30)).save(path, format="JPEG")  # another size altogether
+    with pytest.raises(ValueError, match=r"is 30 x 30 pixels as displayed .* width 40, height 24$"):
+        dataset[0]
+
+
+@pytest.mark.parametrize("mode, suffix", [("CMYK", ".jpg"), ("RGBA", ".png"), ("LA", ".png"), ("P", ".png"),
+                                          ("I;16", ".png")])
+def test_images_of_other_modes_are_read_as_rgb_through_the_dataset(root_copy, mode, suffix):
+    data = load_json(root_copy, "val")
+    first = data["images"][0]
+    path = root_copy / "val2017" / first["file_name"]
+    image = Image.open(path).convert("L" if mode == "I;16" else "RGB")
+    if mode == "I;16":
+        import numpy as np
+
+        image = Image.fromarray(np.asarray(image, dtype=np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    first["file_name"] = path.stem + suffix
+    image.save(root_copy / "val2017" / first["file_name"])
+    write_json(root_copy, "val", data)
+    item, target = build_dataset("val", make_args(root_copy))[0]
+    assert item.shape[0] == 3 and target["orig_size"].tolist() == [first["height"], first["width"]]
+    assert 0.05 < float(item.std()) < 10

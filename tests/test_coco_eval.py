@@ -1,4 +1,8 @@
-"""CocoEvaluator: perfect, empty and wrong-class detections; merging of duplicated images across processes."""
+"""CocoEvaluator: perfect, empty and wrong-class detections; merging of duplicated images across processes; the
+summary (pycocotools' numbers) at COCO's maxDets or at a raised --topk, and the warning for dense images."""
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -100,3 +104,82 @@ def test_duplicated_images_across_processes_count_once(coco_gt, monkeypatch):
 def test_unsupported_iou_type(coco_gt):
     with pytest.raises(ValueError, match="segm"):
         CocoEvaluator(coco_gt, ["bbox", "segm"])
+
+
+# ------------------------------------------------------------------------------------------ the summary and maxDets
+
+
+def dense_coco(tmp_path, objects=150):
+    """One 200 x 200 image holding `objects` small disjoint boxes of one category."""
+    boxes = [[(i % 15) * 13.0, (i // 15) * 13.0, 10.0, 10.0] for i in range(objects)]
+    data = {"images": [{"id": 1, "file_name": "dense.jpg", "width": 200, "height": 200}],
+            "categories": [{"id": 1, "name": "dot"}],
+            "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 100.0, "iscrowd": 0}
+                            for i, box in enumerate(boxes)]}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(data))
+    return load_coco_api(path)
+
+
+def test_the_summary_is_pycocotools_own_at_cocos_maxdets(coco_gt, capsys):
+    """The 12 numbers and the printed table are COCOeval.summarize's, bit for bit, with the default maxDets."""
+    gen = torch.Generator().manual_seed(0)
+    predictions = ground_truth_predictions(coco_gt, coco_gt.getImgIds())
+    for prediction in predictions.values():
+        prediction["boxes"] += torch.randn(prediction["boxes"].shape, generator=gen) * 3
+        prediction["scores"] = torch.rand(len(prediction["scores"]), generator=gen)
+    evaluator = CocoEvaluator(coco_gt, ["bbox"])
+    evaluator.update(predictions)
+    evaluator.accumulate()
+    evaluator.summarize()
+    ours = capsys.readouterr().out
+    coco_eval = evaluator.coco_eval["bbox"]
+    assert coco_eval.params.maxDets == [1, 10, 100]
+    stats = evaluator.stats().copy()
+    assert 0.1 < stats[0] < 0.9
+    coco_eval.summarize()  # pycocotools' own
+    theirs = capsys.readouterr().out
+    assert stats.tolist() == coco_eval.stats.tolist()
+    assert ours == "IoU metric: bbox\n" + theirs
+
+
+def test_dense_images_are_reported_and_topk_raises_maxdets(tmp_path):
+    """COCO's maxDets counts detections per image and category: 150 objects of one class are capped at 100."""
+    coco = dense_coco(tmp_path, objects=150)
+    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes of one category "
+                                         r"than the 100 detections per image and category COCO's AP counts "
+                                         r"\(maxDets\), up to 150: .*--topk above 100 \(e\.g\. --topk 150\) raises "
+                                         r"maxDets"):
+        capped = CocoEvaluator(coco, ["bbox"])
+    capped_stats = evaluate_all(capped, coco)
+    assert capped_stats[0] < 0.7 and capped_stats[8] == pytest.approx(100 / 150)  # AR@100: 100 of 150 found
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raised = CocoEvaluator(coco, ["bbox"], topk=150)
+    assert raised.coco_eval["bbox"].params.maxDets == [1, 10, 100, 150]
+    stats = evaluate_all(raised, coco)
+    assert stats[0] == pytest.approx(1.0) and stats[8] == pytest.approx(1.0)
+    assert stats[6] == pytest.approx(1 / 150) and stats[7] == pytest.approx(10 / 150)  # AR@1, AR@10 as COCO's
+    assert raised.coco_eval["bbox"].eval["precision"][..., 0, 2].mean() == pytest.approx(capped_stats[0])  # at 100
+    assert CocoEvaluator(coco_gt=dense_coco(tmp_path, 5), iou_types=["bbox"], topk=50).coco_eval[
+        "bbox"].params.maxDets == [1, 10, 100]  # fewer than 100 kept: COCO's maxDets
+
+
+def evaluate_all(evaluator, coco):
+    evaluator.update(ground_truth_predictions(coco, coco.getImgIds()))
+    evaluator.accumulate()
+    evaluator.summarize(table=False)
+    return evaluator.stats()
+
+
+def test_the_table_names_the_raised_maxdets(tmp_path, capsys):
+    coco = dense_coco(tmp_path, objects=120)
+    evaluator = CocoEvaluator(coco, ["bbox"], topk=300)
+    evaluator.update(ground_truth_predictions(coco, coco.getImgIds()))
+    evaluator.accumulate()
+    evaluator.summarize()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ] = 1.000"
+    assert lines[9] == " Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ] = 1.000"
+    assert lines[13].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.")
+    assert lines[13].endswith("(COCO's maxDets, as upstream's --topk 300 results)") and len(lines) == 14

@@ -3,6 +3,7 @@ import json
 import math
 import pickle
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -155,3 +156,61 @@ def test_figures(tmp_path, saved_evaluation):
     fig, axes = plot_utils.plot_precision_recall([saved_evaluation[0]], out=tmp_path / "pr.png")
     assert f"AP50 {saved_evaluation[1]:.3f}" in axes[0].get_lines()[0].get_label()
     assert (tmp_path / "pr.png").stat().st_size > 1000
+
+
+def test_a_partial_last_line_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    """A run killed while writing its log line: what is complete is read and plotted, the rest named."""
+    run = write_log(tmp_path / "run", [0.1, 0.3])
+    log = run / "log.txt"
+    complete = log.read_text()
+    log.write_text(complete + '{"train_loss": 7.0, "test_coco_eval_bbox": [0.5, 0.')
+    with pytest.warns(plot_utils.IncompleteLogWarning, match=r"log\.txt: skipped the last line \(line 3\), which is "
+                                                              r"incomplete .*; 2 complete records read"):
+        records = plot_utils.read_log(run)
+    assert records == plot_utils.read_log(write_log(tmp_path / "whole", [0.1, 0.3]))
+    code, out = run_tool(monkeypatch, capsys, str(run))
+    assert code == 0 and f"{run}: 2 epochs, best mAP 0.3000 (epoch 1)" in out
+
+
+def test_the_tool_says_which_line_it_skipped(tmp_path):
+    run = write_log(tmp_path / "run", [0.1, 0.3])
+    with (run / "log.txt").open("a") as f:
+        f.write('{"epoch": 2, "train_lo')
+    result = subprocess.run([sys.executable, "tools/plot_logs.py", str(run)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{run}: 2 epochs, best mAP 0.3000" in result.stdout
+    assert result.stderr == (f"plot_logs: {run / 'log.txt'}: skipped the last line (line 3), which is incomplete "
+                             "(was the run killed while writing it?); 2 complete records read\n")
+
+
+def test_a_bad_line_that_is_not_the_last_partial_one_stays_an_error(tmp_path):
+    bad = tmp_path / "log.txt"
+    bad.write_text('{"epoch": 0}\n{"epoch": 1\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"log\.txt, line 2: not a JSON record"):
+        plot_utils.read_log(bad)
+
+
+def test_precision_recall_at_a_raised_maxdets(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic_coco(root, 0, 3, image_size=64, seed=3)
+    coco = load_coco_api(root / "annotations" / "instances_val2017.json")
+    evaluator = CocoEvaluator(coco, ("bbox",), topk=300)
+    predictions = {}
+    for image_id in coco.getImgIds():
+        anns = coco.imgToAnns[image_id]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        predictions[image_id] = {"scores": torch.ones(len(anns)), "boxes": boxes,
+                                 "labels": torch.tensor([a["category_id"] for a in anns])}
+    evaluator.update(predictions)
+    evaluator.accumulate()
+    evaluator.summarize(table=False)
+    save_checkpoint(evaluator.coco_eval["bbox"].eval, tmp_path / "eval.pth")
+    evaluation = plot_utils.load_evaluation(tmp_path / "eval.pth")
+    _, precision, _ = plot_utils.precision_recall(evaluation)  # at maxDets 300, the largest
+    assert precision.mean() == pytest.approx(evaluator.stats()[1])
+    _, at_coco, _ = plot_utils.precision_recall(evaluation, max_dets=100)
+    assert at_coco.mean() == pytest.approx(precision.mean())  # at most 6 objects an image: no cap here
+    with pytest.raises(ValueError, match=r"max_dets 50 was not evaluated: maxDets \[1, 10, 100, 300\]"):
+        plot_utils.precision_recall(evaluation, max_dets=50)

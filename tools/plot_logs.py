@@ -9,6 +9,7 @@ Drawing (--out) needs matplotlib.
 """
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +26,17 @@ def main(argv=None):
     parser.add_argument("--pr", action="store_true", help="precision-recall curves of saved evaluations")
     parser.add_argument("--out", default=None, help="image file to write (needs matplotlib)")
     args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a log's last line skipped: one line each, once
+        warnings.simplefilter("always")
+        try:
+            return report(args)
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught):
+                print(f"plot_logs: {message}", file=sys.stderr)
 
+
+def report(args):
+    """Print the summaries (or AP50s) of args.paths and draw args.out when asked."""
     if args.pr:
         for path in args.paths:
             recall, precision, _ = plot_utils.precision_recall(plot_utils.load_evaluation(path))

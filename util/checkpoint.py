@@ -1,13 +1,15 @@
-"""Checkpoints: atomic saving, safe loading (weights_only) and a strict, explained model-state check."""
+"""Checkpoints: atomic saving, safe loading (weights_only; URLs cached by URL and verified) and a strict, explained
+model-state check."""
 import argparse
 import errno
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic_file import temporary_beside
+from .download import DownloadError, cached_file_problem, cached_path, download, is_url, place
 from .misc import is_main_process
 
 # everything our and upstream's checkpoints hold besides tensors and plain containers
@@ -45,12 +47,12 @@ class _WriteErrorRecorder:
 
 def save_checkpoint(obj, path):
     """torch.save to a temporary file beside path, then rename: a kill mid-save never leaves a broken file, and a
-    full disk is reported as such, the previous file kept."""
+    full disk is reported as such, the previous file kept. The file's permissions follow the umask."""
     if not is_main_process():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -82,28 +84,61 @@ def _is_classifier(key):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint (a file or an https URL) with weights_only=True, allowing argparse.Namespace only."""
+    """Load a checkpoint (a file, or an http(s) URL: see load_url_checkpoint) with weights_only=True, allowing
+    argparse.Namespace only."""
+    if is_url(path):
+        return load_url_checkpoint(str(path))
+    return _load_file(path)
+
+
+def load_url_checkpoint(url, cache_root=None):
+    """The checkpoint at `url`, from the cache when a verified copy is there (util.download.cached_path: keyed by
+    the whole URL), else downloaded, checked (complete, loadable, hash prefix of its name if any) and cached. A
+    cached copy that no longer matches its SHA-256 or does not load is reported and downloaded again. Network
+    failures and downloads that are not checkpoints are a DownloadError naming the URL."""
+    path = cached_path(url, cache_root)
+    if path.is_file():
+        problem = cached_file_problem(path)
+        if problem is None:
+            try:
+                return _load_file(path)
+            except RuntimeError as error:
+                problem = str(error)
+        print(f"the cached copy {path} of {url} is damaged ({problem}): downloading it again", flush=True)
+        path.unlink()
+    tmp, sha256 = download(url, path)
+    try:
+        checkpoint = _load_file(tmp, shown_as=url)
+    except RuntimeError as error:
+        tmp.unlink()
+        raise DownloadError(f"the file downloaded from {url} is not a loadable checkpoint: "
+                            f"{str(error).splitlines()[0]}") from error
+    place(tmp, path, sha256)
+    print(f"downloaded {url} to {path}", flush=True)
+    return checkpoint
+
+
+def _load_file(path, shown_as=None):
+    """torch.load of a checkpoint file, weights only; errors name `shown_as` (default: the path)."""
+    shown_as = shown_as or path
     with torch.serialization.safe_globals(SAFE_GLOBALS):
-        if str(path).startswith(("https://", "http://")):
-            return torch.hub.load_state_dict_from_url(str(path), map_location="cpu", check_hash=True,
-                                                      weights_only=True)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such checkpoint file")
         with open(path, "rb") as f:
             head = f.read(4)
         if not head.startswith(CHECKPOINT_MAGIC):
-            raise RuntimeError(f"{path} is not a PyTorch checkpoint (a file written by torch.save; this one "
+            raise RuntimeError(f"{shown_as} is not a PyTorch checkpoint (a file written by torch.save; this one "
                                f"starts with {head!r})")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             detail = next((line for line in str(err).splitlines() if "WeightsUnpickler error" in line
                            or "Unsupported global" in line), str(err).splitlines()[0])
-            raise RuntimeError(f"cannot load checkpoint {path}: it holds Python objects other than tensors, "
+            raise RuntimeError(f"cannot load checkpoint {shown_as}: it holds Python objects other than tensors, "
                                f"containers and argparse.Namespace, which are refused (loading them could run "
                                f"code): {detail.strip()}") from err
         except Exception as err:
-            raise RuntimeError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+            raise RuntimeError(f"cannot load checkpoint {shown_as}: {type(err).__name__}: {err}") from err
 
 
 def _spelled(name, value):

@@ -1,11 +1,11 @@
-"""Images into the model without torch: reading and decoding files (any PIL mode to 8-bit RGB), the evaluation
-resize rule, normalisation and padding with numpy. datasets.coco and datasets.transforms take these from here, so
-that the ONNX runtime path (util.onnx_runtime) prepares images exactly as evaluation does."""
+"""Images into the model without torch: reading and decoding files (EXIF orientation applied, any PIL mode to 8-bit
+RGB), the evaluation resize rule, normalisation and padding with numpy. datasets.coco and datasets.transforms take
+these from here, so that the ONNX runtime path (util.onnx_runtime) prepares images exactly as evaluation does."""
 import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,10 +53,13 @@ def to_rgb(image, path):
 
 
 def decode_image(data, path):
-    """Encoded image bytes -> 8-bit RGB PIL image; an undecodable file raises naming ``path``."""
+    """Encoded image bytes -> 8-bit RGB PIL image as displayed: turned and mirrored as its EXIF orientation says (as
+    photo viewers and annotation tools show it); an undecodable file raises naming ``path``. Training, evaluation
+    and tools/infer.py all read images here."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # nothing to do without an orientation other than 1
             return to_rgb(image, path)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"cannot decode image {path}: {error}") from error

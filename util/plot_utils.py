@@ -5,6 +5,7 @@ Reading and summarising needs nothing beyond the project's dependencies; drawing
 """
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +15,33 @@ import torch
 COCO_FIELDS = {"mAP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_large": 5}
 
 
+class IncompleteLogWarning(UserWarning):
+    """A log's last line was cut short (its run killed while writing it) and is left out."""
+
+
 def read_log(path):
-    """The records of a log.txt (one JSON object per line, one line per epoch), in file order."""
+    """The records of a log.txt (one JSON object per line, one line per epoch), in file order. A last line that is
+    not JSON and lacks its newline (a run killed while writing it) is left out with an IncompleteLogWarning; any
+    other line that is not JSON is an error."""
     path = Path(path)
     if path.is_dir():
         path = path / "log.txt"
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}")
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}: skipped the last line (line {number}), which is incomplete (was the run "
+                              f"killed while writing it?); {len(records)} complete records read",
+                              IncompleteLogWarning, stacklevel=2)
+                break
             raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
     return records
 
@@ -155,12 +169,16 @@ def load_evaluation(path):
     return data
 
 
-def precision_recall(evaluation, iou=0.5, area="all", max_dets=100):
+def precision_recall(evaluation, iou=0.5, area="all", max_dets=None):
     """(recall thresholds [R], precision [R] and detection score [R] averaged over the categories with ground
-    truth) at one IoU threshold, area range and detection limit."""
+    truth) at one IoU threshold, area range and detection limit (default: the largest evaluated, COCO's 100 unless
+    --topk raised it)."""
     params = evaluation["params"]
     t = int(np.argmin(np.abs(np.asarray(params.iouThrs) - iou)))
     a = list(params.areaRngLbl).index(area)
+    max_dets = params.maxDets[-1] if max_dets is None else max_dets
+    if max_dets not in params.maxDets:
+        raise ValueError(f"max_dets {max_dets} was not evaluated: maxDets {list(params.maxDets)}")
     m = list(params.maxDets).index(max_dets)
     precision = np.asarray(evaluation["precision"])[t, :, :, a, m]  # [R, K], -1 where a category has no GT
     scores = np.asarray(evaluation["scores"])[t, :, :, a, m]
@@ -171,7 +189,7 @@ def precision_recall(evaluation, iou=0.5, area="all", max_dets=100):
 
 
 def plot_precision_recall(files, naming_scheme="iter", out=None):
-    """Precision and score against recall (IoU 0.5, all areas, 100 detections) for saved evaluations.
+    """Precision and score against recall (IoU 0.5, all areas, the largest maxDets) for saved evaluations.
 
     naming_scheme "iter" labels each curve by its file name, "exp_id" by the run directory (eval/'s parent).
     Returns (figure, axes).
