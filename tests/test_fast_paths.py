@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images, perturb, targets
+from op_helpers import force_pytorch_path
 
 import models.attention
 import models.ops.modules.ms_deform_attn as msda_module
@@ -28,7 +29,7 @@ from models.feed_forward import feed_forward
 from models.matcher import HungarianMatcher
 from models.ops.functions import ms_deform_attn_core_pytorch, ms_deform_attn_func
 from models.ops.functions.extension import get_cpu_extension
-from models.ops.functions.ms_deform_attn_func import MSDeformAttnFunction, force_pytorch_path
+from models.ops.functions.ms_deform_attn_func import ms_deform_attn_compiled
 from models.ops.modules import MSDeformAttn
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
 
@@ -86,8 +87,8 @@ def test_cpu_op_equals_the_pytorch_path_in_float64(cpu_op, shapes, offset):
     inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
     reference = ms_deform_attn_core_pytorch(inputs[0], shapes, inputs[1], inputs[2])
     compiled_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
-    compiled = MSDeformAttnFunction.apply(compiled_inputs[0], shapes, _starts(shapes), compiled_inputs[1],
-                                          compiled_inputs[2], 64)
+    compiled = ms_deform_attn_compiled(compiled_inputs[0], shapes, _starts(shapes), compiled_inputs[1],
+                                       compiled_inputs[2], 64)
     torch.testing.assert_close(compiled, reference, **TOL)
     grad_out = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference.backward(grad_out)
@@ -110,7 +111,7 @@ def test_cpu_op_gradcheck_and_float32(cpu_op):
     locations = locations.clamp(-0.2, 1.2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: MSDeformAttnFunction.apply(v, shapes, _starts(shapes), loc, w, 64), inputs, eps=1e-6,
+        lambda v, loc, w: ms_deform_attn_compiled(v, shapes, _starts(shapes), loc, w, 64), inputs, eps=1e-6,
         atol=1e-5)
     value, shapes, locations, weights = _op_inputs([(30, 40), (15, 20)], num_queries=200, heads=8, channels=32,
                                                    points=4, dtype=torch.float32)
@@ -136,7 +137,9 @@ def test_module_with_padding_mask_equals_the_pytorch_path_in_float64(cpu_op):
     for forced in (False, True):
         attn.zero_grad()
         inputs = [t.clone().requires_grad_() for t in (query, flatten, reference_points)]
-        with force_pytorch_path() if forced else torch.enable_grad():
+        with pytest.MonkeyPatch.context() as patch:
+            if forced:
+                force_pytorch_path(patch)
             out = attn(inputs[0], inputs[2], inputs[1], shapes, _starts(shapes), mask)
         out.pow(2).sum().backward()
         results.append((out, [t.grad for t in inputs], {n: p.grad.clone() for n, p in attn.named_parameters()}))
@@ -271,17 +274,17 @@ def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
     tgts = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets([3, 2])]
 
     calls = {"compiled op": 0, "masked attention": 0}
-    original_apply, original_mha = MSDeformAttnFunction.apply, torch.nn.MultiheadAttention.forward
+    original_mha = torch.nn.MultiheadAttention.forward
 
-    def counting_apply(*a):
+    def counting_op(*a):
         calls["compiled op"] += 1
-        return original_apply(*a)
+        return ms_deform_attn_compiled(*a)
 
     def counting_mha(self, *a, **k):
         calls["masked attention"] += 1
         return original_mha(self, *a, **k)
 
-    monkeypatch.setattr(ms_deform_attn_func.MSDeformAttnFunction, "apply", counting_apply)
+    monkeypatch.setattr(ms_deform_attn_func, "ms_deform_attn_compiled", counting_op)
     monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", counting_mha)
     fast = _train_step(model, criterion, args, imgs, tgts)
     fast_calls = dict(calls)

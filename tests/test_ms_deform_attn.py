@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from op_helpers import force_pytorch_path
 
 from models.ops.functions import ms_deform_attn, ms_deform_attn_core_pytorch
-from models.ops.functions.ms_deform_attn_func import force_pytorch_path
 from models.ops.modules import MSDeformAttn
 
 SHAPES = [(5, 7), (3, 4), (2, 3)]  # (H, W) of three levels
@@ -80,11 +80,11 @@ def test_core_matches_naive_loop_on_border_and_outside_points():
     torch.testing.assert_close(out.view(2, 3), value[0, 1 * w + 2])
 
 
-def test_forced_dispatcher_on_cpu_is_the_pytorch_core():
+def test_forced_dispatcher_on_cpu_is_the_pytorch_core(monkeypatch):
     value, shapes, locations, weights = random_inputs(dtype=torch.float32)
     expected = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
-    with force_pytorch_path():
-        out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
+    force_pytorch_path(monkeypatch)
+    out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
     assert torch.equal(out, expected)
 
 
