@@ -163,7 +163,7 @@ def test_sampling_locations_equal_upstreams_expressions(coords, monkeypatch):
     reference = torch.rand(2, 4, 2, coords, generator=gen, dtype=torch.float64, requires_grad=True)
     seen = []
     monkeypatch.setattr(msda_module, "ms_deform_attn",
-                        lambda value, shapes, starts, locations, weights, step: seen.append(locations) or
+                        lambda value, shapes, starts, locations, weights, step, sizes: seen.append(locations) or
                         value.new_zeros(value.shape[0], locations.shape[1], 16))
     attn(query, reference, flatten, shapes, _starts(shapes))
     offsets = attn.sampling_offsets(query).view(2, 4, 2, 2, 3, 2)

@@ -12,32 +12,24 @@ from .custom_op import ms_deform_attn_compiled
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def spatial_shapes_tensor(sizes, device=None):
-    """The [L, 2] long tensor of the levels' (H_l, W_l) `sizes`; it remembers `sizes`, which level_sizes() then
-    returns without reading the tensor (under torch.export the sizes stay symbolic instead of data-dependent)."""
-    sizes = [(h, w) for h, w in sizes]
-    if all(isinstance(v, int) for size in sizes for v in size):
-        spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)
-    else:  # symbolic sizes (torch.export): computed in the graph, as torch.as_tensor would fix them to constants
-        spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(v, dtype=torch.long, device=device)
-                                                   for v in size]) for size in sizes])
-    spatial_shapes.level_sizes = sizes
-    return spatial_shapes
-
-
-def level_sizes(spatial_shapes):
-    """[(H_l, W_l)] of a [L, 2] spatial-shapes tensor: the sizes spatial_shapes_tensor() made it from, else its
-    values."""
-    sizes = getattr(spatial_shapes, "level_sizes", None)
-    return sizes if sizes is not None else [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+def spatial_shapes_tensor(level_sizes, device=None):
+    """The [L, 2] int64 tensor of the levels' (H_l, W_l) `level_sizes` (Python ints, or symbolic sizes under
+    torch.export, which are then computed in the graph instead of being fixed to the traced values)."""
+    if all(isinstance(v, int) for size in level_sizes for v in size):
+        return torch.as_tensor([tuple(size) for size in level_sizes], dtype=torch.long, device=device)
+    return torch.stack([torch.stack([torch.scalar_tensor(v, dtype=torch.long, device=device) for v in size])
+                        for size in level_sizes])
 
 
 def as_level_sizes(spatial_shapes):
     """((H_l, W_l), ...) as Python data: a sequence of pairs is taken as it is; a [L, 2] tensor is read, which on a
     GPU waits for the device (callers that have the sizes pass them instead, as the model does)."""
     if isinstance(spatial_shapes, torch.Tensor):
-        return tuple(level_sizes(spatial_shapes))
-    return tuple((h, w) for h, w in spatial_shapes)
+        return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    sizes = tuple(tuple(size) for size in spatial_shapes)
+    if any(len(size) != 2 for size in sizes):
+        raise ValueError(f"level sizes must be (H, W) pairs, got {sizes}")
+    return sizes
 
 
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
@@ -125,7 +117,6 @@ def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, samplin
         output = ms_deform_attn_core_pytorch(value.to(dtype), sizes, sampling_locations.to(dtype),
                                              attention_weights.to(dtype))
     return output.to(value.dtype)
-
 
 
 @contextlib.contextmanager

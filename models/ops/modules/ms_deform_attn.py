@@ -62,7 +62,7 @@ class MSDeformAttn(nn.Module):
 
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
+                input_padding_mask=None, level_sizes=None):
         """
         query:              [N, Lq, C]
         reference_points:   [N, Lq, L, 2] points (x, y) in [0, 1] of the padded map,
@@ -70,6 +70,8 @@ class MSDeformAttn(nn.Module):
         input_flatten:      [N, S, C] with S = sum of H_l * W_l
         input_spatial_shapes [L, 2] (H_l, W_l); input_level_start_index [L]
         input_padding_mask: [N, S], True on padding
+        level_sizes:        ((H_l, W_l), ...) as Python ints, as the model passes them; None: read from
+                            input_spatial_shapes (on a GPU a wait for the device)
         returns             [N, Lq, C]
         """
         n, num_queries, _ = query.shape
@@ -103,5 +105,5 @@ class MSDeformAttn(nn.Module):
         locations = locations.view(n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
 
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                                self.im2col_step)
+                                self.im2col_step, level_sizes)
         return self.output_proj(output)
