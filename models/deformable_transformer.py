@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.ops.functions.ms_deform_attn_func import level_sizes, spatial_shapes_tensor
+from models.ops.functions.ms_deform_attn_func import spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
 from util.box_ops import refine_boxes
 
@@ -56,9 +56,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
         src2 = feed_forward(self.linear1, self.linear2, self.activation, self.dropout2, src)
         return self.norm2(src + self.dropout3(src2))
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, level_sizes, padding_mask=None):
         src2 = self.self_attn(_with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask)
+                              padding_mask, level_sizes)
         src = self.norm1(src + self.dropout1(src2))
         return self.forward_ffn(src)
 
@@ -71,10 +71,11 @@ class DeformableTransformerEncoder(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     @staticmethod
-    def get_reference_points(spatial_shapes, valid_ratios, device):
-        """Pixel centres of every level, normalised by the valid extent, seen from every level: [B, S, L, 2]."""
+    def get_reference_points(level_sizes, valid_ratios, device):
+        """Pixel centres of every level ((H_l, W_l) ints), normalised by the valid extent, seen from every level:
+        [B, S, L, 2]."""
         per_level = []
-        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
+        for level, (h, w) in enumerate(level_sizes):
             ref_y, ref_x = torch.meshgrid(
                 torch.arange(h, dtype=torch.float32, device=device) + 0.5,
                 torch.arange(w, dtype=torch.float32, device=device) + 0.5,
@@ -86,12 +87,13 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(per_level, 1)  # [B, S, 2]
         return reference_points[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None, padding_mask=None):
+    def forward(self, src, spatial_shapes, level_start_index, level_sizes, valid_ratios, pos=None,
+                padding_mask=None):
         output = src
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, device=src.device)
+        reference_points = self.get_reference_points(level_sizes, valid_ratios, device=src.device)
         for layer in self.layers:
             output = _run_layer(layer, self.use_checkpoint, output, pos, reference_points, spatial_shapes,
-                                level_start_index, padding_mask)
+                                level_start_index, level_sizes, padding_mask)
         return output
 
 
@@ -117,12 +119,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         tgt2 = feed_forward(self.linear1, self.linear2, self.activation, self.dropout3, tgt)
         return self.norm3(tgt + self.dropout4(tgt2))
 
-    def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
+    def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index, level_sizes,
                 src_padding_mask=None, query_groups=None):
         tgt2 = query_self_attention(self.self_attn, _with_pos(tgt, query_pos), tgt, query_groups)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
-                               level_start_index, src_padding_mask)
+                               level_start_index, src_padding_mask, level_sizes)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         return self.forward_ffn(tgt)
 
@@ -148,8 +150,8 @@ class DeformableTransformerDecoder(nn.Module):
         self.bbox_embed = None
         self.class_embed = None
 
-    def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index, src_valid_ratios,
-                query_pos=None, src_padding_mask=None, query_groups=None):
+    def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index, src_level_sizes,
+                src_valid_ratios, query_pos=None, src_padding_mask=None, query_groups=None):
         output = tgt
         outputs, references, box_deltas = [], [], []
         for lid, layer in enumerate(self.layers):
@@ -160,7 +162,8 @@ class DeformableTransformerDecoder(nn.Module):
                 ratios = src_valid_ratios
             reference_points_input = reference_points[:, :, None] * ratios[:, None]
             output = _run_layer(layer, self.use_checkpoint, output, query_pos, reference_points_input, src,
-                                src_spatial_shapes, src_level_start_index, src_padding_mask, query_groups)
+                                src_spatial_shapes, src_level_start_index, src_level_sizes, src_padding_mask,
+                                query_groups)
 
             refined = reference_points
             if self.bbox_embed is not None:
@@ -231,7 +234,7 @@ class DeformableTransformer(nn.Module):
         # [B, K, 4, F/2, 2] -> [B, K, 4 * F]
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
-    def gen_encoder_output_proposals(self, memory, memory_padding_mask, spatial_shapes):
+    def gen_encoder_output_proposals(self, memory, memory_padding_mask, level_sizes):
         """One proposal box per encoder token (its pixel centre, size 0.05 * 2^level), in logit space.
 
         Returns the projected memory [B, S, C] (zero on padding and invalid proposals) and the proposals
@@ -240,7 +243,7 @@ class DeformableTransformer(nn.Module):
         n = memory.shape[0]
         proposals = []
         start = 0
-        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
+        for level, (h, w) in enumerate(level_sizes):
             mask_l = memory_padding_mask[:, start:start + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask_l[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask_l[:, 0, :, 0], 1)
@@ -275,27 +278,28 @@ class DeformableTransformer(nn.Module):
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
     def _flatten_levels(self, srcs, masks, pos_embeds):
-        """Concatenate the levels' tokens: src [B, S, C], mask [B, S], level-embedded positions [B, S, C]."""
+        """Concatenate the levels' tokens: src [B, S, C], mask [B, S], level-embedded positions [B, S, C]; the
+        levels' sizes as a tensor [L, 2] and as Python ints ((H_l, W_l), ...), the first token of each level [L]."""
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
+            shapes.append(tuple(src.shape[-2:]))
             src_flatten.append(src.flatten(2).transpose(1, 2))  # [B, C, H, W] -> [B, H*W, C]
             mask_flatten.append(mask.flatten(1))
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         spatial_shapes = spatial_shapes_tensor(shapes, srcs[0].device)  # [L, 2]
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), spatial_shapes,
-                level_start_index)
+                level_start_index, tuple(shapes))
 
     @staticmethod
     def select_proposals(scores, k):
         """Indices [B, K] of the k best-scoring encoder proposals, scores [B, S], best first."""
         return torch.topk(scores, k, dim=1)[1]
 
-    def _two_stage_queries(self, memory, mask_flatten, spatial_shapes, query_embed, num_queries):
+    def _two_stage_queries(self, memory, mask_flatten, level_sizes, query_embed, num_queries):
         """Pick the num_queries top-scoring encoder proposals as the decoder's reference boxes and query positions."""
         batch, num_tokens, channels = memory.shape
-        output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+        output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, level_sizes)
         # the extra (last) class and box heads score and regress the proposals
         enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
         enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
@@ -303,7 +307,7 @@ class DeformableTransformer(nn.Module):
         k = num_queries
         if k > num_tokens:
             raise ValueError(f"two-stage selects {k} proposals but the encoder has only {num_tokens} tokens "
-                             f"(maps {spatial_shapes.tolist()}): use larger images or fewer queries")
+                             f"(maps {[list(size) for size in level_sizes]}): use larger images or fewer queries")
         topk_proposals = self.select_proposals(enc_outputs_class[..., 0], k)  # [B, K]
         topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
         topk_coords_unact = topk_coords_unact.detach()
@@ -327,17 +331,17 @@ class DeformableTransformer(nn.Module):
         D x [B, Q, 2|4], encoder class logits [B, S, K] and unactivated boxes [B, S, 4] (two-stage, else None),
         the decoder's box-head outputs per layer (D x [B, Q, 4]; with box refinement, else None)).
         """
-        src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index = self._flatten_levels(
-            srcs, masks, pos_embeds)
+        src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, level_sizes = \
+            self._flatten_levels(srcs, masks, pos_embeds)
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten,
+        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, level_sizes, valid_ratios, pos_flatten,
                               mask_flatten)
 
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
             tgt, query_pos, reference_points, enc_outputs_class, enc_outputs_coord_unact = self._two_stage_queries(
-                memory, mask_flatten, spatial_shapes, query_embed, num_queries or self.two_stage_num_proposals)
+                memory, mask_flatten, level_sizes, query_embed, num_queries or self.two_stage_num_proposals)
         else:
             batch, _, channels = memory.shape
             query_pos, tgt = torch.split(query_embed, channels, dim=1)
@@ -347,8 +351,8 @@ class DeformableTransformer(nn.Module):
         init_reference = reference_points
 
         hs, inter_references, box_deltas = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                                        level_start_index, valid_ratios, query_pos, mask_flatten,
-                                                        query_groups)
+                                                        level_start_index, level_sizes, valid_ratios, query_pos,
+                                                        mask_flatten, query_groups)
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact, box_deltas
 
 

@@ -29,8 +29,6 @@ from util.onnx_runtime import (
     import_onnxruntime,
 )
 
-from .ops.functions.ms_deform_attn_func import force_pytorch_path
-
 # tolerance of check_export: max abs difference of logits and boxes between onnxruntime and PyTorch
 CHECK_TOLERANCE = 1e-4
 # the image size traced with; the graph runs on any size. Tracing keeps a size that is 1 at the traced scale as 1
@@ -130,9 +128,9 @@ def export_onnx(model, path, postprocess=None, example_size=EXAMPLE_SIZE, metada
     with_postprocess = postprocess is not None
     wrapper = ExportableDetector(model, postprocess).eval()
     inputs = example_inputs(example_size, with_postprocess)
-    # no autograd: checkpointing (--use_checkpoint, Swin's block checkpointing) is then off; the compiled
-    # deformable-attention ops are not exportable: the PyTorch path (grid_sample) is traced
-    with torch.no_grad(), force_pytorch_path():
+    # no autograd: checkpointing (--use_checkpoint, Swin's block checkpointing) is then off; under torch.export
+    # deformable attention takes the PyTorch path (grid_sample: standard operators), see use_compiled()
+    with torch.no_grad():
         # Dim.AUTO: dynamic, within the ranges the model allows (e.g. two-stage needs as many encoder tokens as
         # queries); _check_dynamic_inputs makes sure that no axis ended up fixed
         auto = torch.export.Dim.AUTO
@@ -240,7 +238,7 @@ def check_export(model, path, sizes, postprocess=None, tolerance=CHECK_TOLERANCE
             feed[POSTPROCESS_INPUT] = orig_sizes.numpy()
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         pinned = pinned_proposals(model, got["proposal_indices"], tolerance) if model.two_stage else nullcontext()
-        with torch.no_grad(), force_pytorch_path(), pinned:
+        with torch.no_grad(), pinned:
             expected = ExportableDetector(model, postprocess)(samples.tensors, samples.mask, orig_sizes)
         diffs = [float(np.abs(got[name] - want.numpy()).max()) for name, want in zip(OUTPUTS, expected)]
         shapes = [tuple(im.shape[1:]) for im in batch]

@@ -31,7 +31,7 @@ from models.feed_forward import feed_forward
 from models.matcher import HungarianMatcher
 from models.ops.functions import ms_deform_attn_core_pytorch, ms_deform_attn_func
 from models.ops.functions.extension import get_cpu_extension
-from models.ops.functions.ms_deform_attn_func import MSDeformAttnFunction
+from models.ops.functions.ms_deform_attn_func import ms_deform_attn_compiled
 from models.ops.modules import MSDeformAttn
 from models.optimizer import build_optimizer
 from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
@@ -90,8 +90,8 @@ def test_cpu_op_equals_the_pytorch_path_in_float64(cpu_op, shapes, offset):
     inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
     reference = ms_deform_attn_core_pytorch(inputs[0], shapes, inputs[1], inputs[2])
     compiled_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
-    compiled = MSDeformAttnFunction.apply(compiled_inputs[0], shapes, _starts(shapes), compiled_inputs[1],
-                                          compiled_inputs[2], 64)
+    compiled = ms_deform_attn_compiled(compiled_inputs[0], shapes, _starts(shapes), compiled_inputs[1],
+                                       compiled_inputs[2], 64)
     torch.testing.assert_close(compiled, reference, **TOL)
     grad_out = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference.backward(grad_out)
@@ -114,7 +114,7 @@ def test_cpu_op_gradcheck_and_float32(cpu_op):
     locations = locations.clamp(-0.2, 1.2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: MSDeformAttnFunction.apply(v, shapes, _starts(shapes), loc, w, 64), inputs, eps=1e-6,
+        lambda v, loc, w: ms_deform_attn_compiled(v, shapes, _starts(shapes), loc, w, 64), inputs, eps=1e-6,
         atol=1e-5)
     value, shapes, locations, weights = _op_inputs([(30, 40), (15, 20)], num_queries=200, heads=8, channels=32,
                                                    points=4, dtype=torch.float32)
@@ -164,7 +164,7 @@ def test_sampling_locations_equal_upstreams_expressions(coords, monkeypatch):
     reference = torch.rand(2, 4, 2, coords, generator=gen, dtype=torch.float64, requires_grad=True)
     seen = []
     monkeypatch.setattr(msda_module, "ms_deform_attn",
-                        lambda value, shapes, starts, locations, weights, step: seen.append(locations) or
+                        lambda value, shapes, starts, locations, weights, step, sizes: seen.append(locations) or
                         value.new_zeros(value.shape[0], locations.shape[1], 16))
     attn(query, reference, flatten, shapes, _starts(shapes))
     offsets = attn.sampling_offsets(query).view(2, 4, 2, 2, 3, 2)
@@ -267,17 +267,17 @@ def test_model_equals_upstreams_operation_order_in_float64(name, monkeypatch):
     tgts = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets([3, 2])]
 
     calls = {"compiled op": 0, "masked attention": 0}
-    original_apply, original_mha = MSDeformAttnFunction.apply, torch.nn.MultiheadAttention.forward
+    original_mha = torch.nn.MultiheadAttention.forward
 
-    def counting_apply(*a):
+    def counting_op(*a):
         calls["compiled op"] += 1
-        return original_apply(*a)
+        return ms_deform_attn_compiled(*a)
 
     def counting_mha(self, *a, **k):
         calls["masked attention"] += 1
         return original_mha(self, *a, **k)
 
-    monkeypatch.setattr(ms_deform_attn_func.MSDeformAttnFunction, "apply", counting_apply)
+    monkeypatch.setattr(ms_deform_attn_func, "ms_deform_attn_compiled", counting_op)
     monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", counting_mha)
     fast = _train_step(model, criterion, args, imgs, tgts)
     fast_calls = dict(calls)

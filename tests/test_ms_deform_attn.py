@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
+from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images
+from op_helpers import force_pytorch_path
 
-from models.ops.functions import ms_deform_attn, ms_deform_attn_core_pytorch
-from models.ops.functions.ms_deform_attn_func import force_pytorch_path
+import models.ops.modules.ms_deform_attn as msda_module
+from models.ops.functions import as_level_sizes, ms_deform_attn, ms_deform_attn_core_pytorch, spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
 
 SHAPES = [(5, 7), (3, 4), (2, 3)]  # (H, W) of three levels
@@ -80,11 +82,11 @@ def test_core_matches_naive_loop_on_border_and_outside_points():
     torch.testing.assert_close(out.view(2, 3), value[0, 1 * w + 2])
 
 
-def test_forced_dispatcher_on_cpu_is_the_pytorch_core():
+def test_forced_dispatcher_on_cpu_is_the_pytorch_core(monkeypatch):
     value, shapes, locations, weights = random_inputs(dtype=torch.float32)
     expected = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
-    with force_pytorch_path():
-        out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
+    force_pytorch_path(monkeypatch)
+    out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights, im2col_step=1)
     assert torch.equal(out, expected)
 
 
@@ -149,3 +151,43 @@ def test_module_rejects_bad_reference_points():
     query, flatten, shapes, starts = make_module_inputs()
     with pytest.raises(ValueError):
         attn(query, torch.rand(2, 5, 2, 3), flatten, shapes, starts)
+
+
+def test_level_sizes_as_python_data():
+    shapes = spatial_shapes_tensor([(5, 7), (3, 4)])
+    assert shapes.dtype == torch.long and shapes.tolist() == [[5, 7], [3, 4]]
+    assert not hasattr(shapes, "level_sizes")  # nothing rides on the tensor
+    assert as_level_sizes(shapes) == ((5, 7), (3, 4)) == as_level_sizes([[5, 7], (3, 4)])
+    with pytest.raises(ValueError, match="level sizes must be"):
+        as_level_sizes([(5, 7, 1)])
+
+
+def test_module_with_level_sizes_equals_the_module_reading_the_tensor():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    query, flatten, shapes, starts = make_module_inputs()
+    reference = torch.rand(2, 5, 2, 2)
+    assert torch.equal(attn(query, reference, flatten, shapes, starts, level_sizes=((6, 8), (3, 4))),
+                       attn(query, reference, flatten, shapes, starts))
+
+
+@pytest.mark.parametrize("pytorch_path", [False, True], ids=["default", "pytorch path"])
+def test_the_model_passes_level_sizes_as_ints(monkeypatch, pytorch_path):
+    """Every deformable attention of the model gets the levels' sizes as Python ints equal to its spatial-shapes
+    tensor, so that neither path reads a device tensor for them."""
+    if pytorch_path:
+        force_pytorch_path(monkeypatch)
+    seen = []
+    original = msda_module.ms_deform_attn
+
+    def recording(value, shapes, starts, locations, weights, step, sizes):
+        seen.append((shapes, sizes))
+        return original(value, shapes, starts, locations, weights, step, sizes)
+
+    monkeypatch.setattr(msda_module, "ms_deform_attn", recording)
+    model, _, _, args = build(SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone"])
+    model.eval()(images([(64, 96), (80, 64)]))
+    assert len(seen) == args.enc_layers + args.dec_layers
+    for shapes, sizes in seen:
+        assert isinstance(sizes, tuple) and all(type(v) is int for size in sizes for v in size)
+        assert [list(size) for size in sizes] == shapes.tolist()

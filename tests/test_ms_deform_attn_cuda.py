@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_helpers import force_pytorch_path
 
 from models.ops.functions import (
-    MSDeformAttnFunction,
     extension,
     ms_deform_attn,
+    ms_deform_attn_compiled,
     ms_deform_attn_core_pytorch,
     ms_deform_attn_func,
 )
@@ -67,6 +68,7 @@ def isolated_extension_state():
 class FakeCudaTensor:
     """Just enough of a CUDA tensor for the dispatch decision."""
     is_cuda = True
+    device = torch.device("cuda")
 
 
 # ---------------------------------------------------------------------------------------------- nvcc build
@@ -104,23 +106,21 @@ def test_cpu_tensors_never_touch_the_cuda_extension(monkeypatch):
     def forbidden():
         raise AssertionError("the CUDA extension was consulted for CPU tensors")
 
-    monkeypatch.setattr(ms_deform_attn_func, "get_extension", forbidden)
+    monkeypatch.setattr(extension, "get_extension", forbidden)
     value, shapes, starts, locations, weights = random_inputs(2, 3, 2, 4, [(4, 5), (2, 3)], 2)
     out = ms_deform_attn(value, shapes, starts, locations, weights, 1)
     torch.testing.assert_close(out, ms_deform_attn_core_pytorch(value, shapes, locations, weights), rtol=0,
                                atol=1e-12)
 
 
-def test_env_var_forces_the_pytorch_path(monkeypatch):
+def test_cuda_tensors_take_the_cuda_op_when_it_loads(monkeypatch):
     calls = []
-    monkeypatch.setattr(ms_deform_attn_func, "get_extension", lambda: calls.append(1) or object())
-    monkeypatch.setenv("MSDA_FORCE_PYTORCH", "1")
+    monkeypatch.setattr(extension, "get_extension", lambda: calls.append(1) or object())
+    monkeypatch.setenv("MSDA_FORCE_PYTORCH", "1")  # a switch of old: no longer read
+    assert ms_deform_attn_func.use_compiled(FakeCudaTensor())
+    assert calls == [1]
+    monkeypatch.setattr(extension, "get_extension", lambda: None)
     assert not ms_deform_attn_func.use_compiled(FakeCudaTensor())
-    assert calls == []  # not even loaded
-    monkeypatch.setenv("MSDA_FORCE_PYTORCH", "0")
-    assert ms_deform_attn_func.use_compiled(FakeCudaTensor())
-    monkeypatch.delenv("MSDA_FORCE_PYTORCH")
-    assert ms_deform_attn_func.use_compiled(FakeCudaTensor())
 
 
 def test_compile_failure_warns_one_line_once_and_falls_back(monkeypatch, isolated_extension_state):
@@ -261,29 +261,29 @@ class EmulatedExtension:
         return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 
-def test_autograd_function_with_emulated_kernels(emulated_kernels, monkeypatch):
+def test_registered_op_with_emulated_kernels(emulated_kernels, monkeypatch):
+    """The registered op's autograd formula over the CUDA kernels' logic (emulated on CPU tensors)."""
     backend = EmulatedExtension(emulated_kernels)
-    monkeypatch.setattr(ms_deform_attn_func, "compiled_extension", lambda value: backend)
+    monkeypatch.setattr(extension, "compiled_extension", lambda device: backend)
     value, shapes, starts, locations, weights = random_inputs(3, 2, 2, 3, [(4, 3), (2, 2)], 2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
 
     def op(v, loc, attn):
-        return MSDeformAttnFunction.apply(v, shapes, starts, loc, attn, 2)  # chunks of 2 + 1 images
+        return ms_deform_attn_compiled(v, shapes, starts, loc, attn, 2)  # chunks of 2 + 1 images
 
     assert torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-5)
     assert set(backend.steps) == {2}
 
 
-def test_autograd_function_mixed_dtypes_run_in_the_widest(emulated_kernels, monkeypatch):
-    monkeypatch.setattr(ms_deform_attn_func, "compiled_extension",
-                        lambda value: EmulatedExtension(emulated_kernels))
+def test_mixed_dtypes_run_in_the_widest_and_return_values_dtype(emulated_kernels, monkeypatch):
+    monkeypatch.setattr(extension, "compiled_extension", lambda device: EmulatedExtension(emulated_kernels))
     value, shapes, starts, locations, weights = random_inputs(2, 3, 2, 4, [(4, 3)], 2)
     value = value.float().requires_grad_()
     locations.requires_grad_()
-    out = MSDeformAttnFunction.apply(value, shapes, starts, locations, weights.float(), 64)
-    assert out.dtype == torch.float64
+    out = ms_deform_attn(value, shapes, starts, locations, weights.float(), 64)
+    assert out.dtype == torch.float32  # value's
     expected = ms_deform_attn_core_pytorch(value.double(), shapes, locations, weights.float().double())
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, expected.float())
     out.sum().backward()
     assert value.grad.dtype == torch.float32 and locations.grad.dtype == torch.float64
 
@@ -294,8 +294,6 @@ def test_autograd_function_mixed_dtypes_run_in_the_widest(emulated_kernels, monk
 @pytest.fixture(scope="module")
 def compiled():
     """The op for CUDA tensors: prebuilt or JIT-built; fails where a toolkit exists but the op does not load."""
-    if os.environ.get("MSDA_FORCE_PYTORCH") == "1":
-        pytest.skip("MSDA_FORCE_PYTORCH=1")
     module = extension.get_extension()
     if module is None:
         if extension.find_cuda_home() is None:
@@ -310,7 +308,7 @@ DECODER_SIZES = dict(n=2, num_queries=300, heads=8, channels=32, levels_hw=[(32,
 
 
 def compiled_apply(value, shapes, starts, locations, weights, im2col_step=64):
-    return MSDeformAttnFunction.apply(value, shapes, starts, locations, weights, im2col_step)
+    return ms_deform_attn_compiled(value, shapes, starts, locations, weights, im2col_step)
 
 
 @requires_cuda
@@ -389,31 +387,32 @@ def test_cuda_half_kernels(compiled, dtype, tolerance):
 
 
 @requires_cuda
-def test_cuda_autocast_runs_in_float32(compiled):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_keeps_values_dtype_and_float32_locations(compiled, dtype):
+    """Under autocast a low-precision value with float32 locations and weights runs the float32 kernel and returns
+    value's dtype: the result is the float32 result of the rounded value, rounded once."""
     value, shapes, starts, locations, weights = random_inputs(**DECODER_SIZES, dtype=torch.float32, device="cuda")
-    with torch.autocast("cuda", dtype=torch.float16):
-        out = ms_deform_attn(value.half(), shapes, starts, locations.half(), weights.half())
-    assert out.dtype == torch.float32
-    expected = ms_deform_attn_core_pytorch(value.half().float(), shapes, locations.half().float(),
-                                           weights.half().float())
-    assert (out - expected).abs().max().item() < 1e-5
+    with torch.autocast("cuda", dtype=dtype):
+        out = ms_deform_attn(value.to(dtype), shapes, starts, locations, weights)
+    assert out.dtype == dtype
+    expected = ms_deform_attn_core_pytorch(value.to(dtype).float(), shapes, locations, weights)
+    torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=0)
 
 
 @requires_cuda
-def test_cuda_dispatch_and_env_var(compiled, monkeypatch):
+def test_cuda_dispatch_and_forced_fallback(compiled, monkeypatch):
     value, shapes, starts, locations, weights = random_inputs(**DECODER_SIZES, dtype=torch.float32, device="cuda")
     expected = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
     calls = []
-    original_apply = MSDeformAttnFunction.apply
 
-    def counting_apply(*args):
+    def counting_op(*args):
         calls.append(1)
-        return original_apply(*args)
+        return ms_deform_attn_compiled(*args)
 
-    monkeypatch.setattr(MSDeformAttnFunction, "apply", counting_apply)
+    monkeypatch.setattr(ms_deform_attn_func, "ms_deform_attn_compiled", counting_op)
     out = ms_deform_attn(value, shapes, starts, locations, weights)
     assert calls == [1]
     assert (out - expected).abs().max().item() < 1e-5
-    monkeypatch.setenv("MSDA_FORCE_PYTORCH", "1")
+    force_pytorch_path(monkeypatch)
     assert torch.equal(ms_deform_attn(value, shapes, starts, locations, weights), expected)
     assert calls == [1]

@@ -5,10 +5,10 @@
                                    [--warm_iters 2] [--threads N] [--config configs/...sh] [main.py flags]
 
 Times one forward pass on a random normalised image of --image_size (one image, no padding), median over the
-timed iterations (each iteration runs every variant once): PyTorch eager in eval mode as evaluation runs it (the
-compiled CPU deformable-attention op when it loads), PyTorch on the grid_sample path (what the graph computes),
-and onnxruntime's CPU provider on the exported graph; the PyTorch runs include the post-processing when the graph
-does. --threads sets both torch's and onnxruntime's intra-op threads (default: 1 per core).
+timed iterations (each iteration runs both once): PyTorch eager in eval mode as evaluation runs it (the compiled CPU
+deformable-attention op when it loads, else the grid_sample path the graph computes) and onnxruntime's CPU provider
+on the exported graph; the PyTorch run includes the post-processing when the graph does. --threads sets both
+torch's and onnxruntime's intra-op threads (default: 1 per core).
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.ops.functions.ms_deform_attn_func import force_pytorch_path, use_compiled  # noqa: E402
+from models.ops.functions.ms_deform_attn_func import use_compiled  # noqa: E402
 from models.trained_model import trained_model  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.onnx_runtime import OnnxDetector  # noqa: E402
@@ -78,13 +78,8 @@ def main(argv=None):
             if postprocess is not None:
                 postprocess(outputs, torch.tensor(orig_sizes))
 
-    def run_torch_grid_sample():
-        with force_pytorch_path():
-            run_torch()
-
     timings = [
         ("PyTorch eager" + (" (compiled CPU op)" if use_compiled(image) else " (grid_sample path)"), run_torch),
-        ("PyTorch eager, grid_sample path", run_torch_grid_sample),
         ("onnxruntime CPU", lambda: detector.run(images, mask, orig_sizes)),
     ]
     print(f"one {args.image_size[0]}x{args.image_size[1]} image, {threads} threads, median of "

@@ -3,8 +3,7 @@
 #   the compiled CUDA op built (JIT) and checked against the PyTorch path (models/ops/test.py: forward float64 /
 #   float32, gradcheck of the three gradients), tests/test_ms_deform_attn_cuda.py (build, fp32 and fp16/bf16
 #   kernels, autocast, dispatch), the op benchmark, and the full-size R50 H-Deformable-DETR (300 + 1500 queries)
-#   at 800x1333, batch 2: a timed training step and evaluation forward, with the compiled op and with the PyTorch
-#   path, in float32 and with AMP (--use_fp16).
+#   at 800x1333, batch 2: a timed training step and evaluation forward, in float32 and with AMP (--use_fp16).
 #
 #   bash tools/gpu_check.sh [REPORT]     # default REPORT: $OUT/gpu_check_report.txt if $OUT is set, else ./
 # Runs in the repository root; uses .venv/bin/python when it exists (PYTHON overrides). Exit status 1 when any
@@ -52,19 +51,15 @@ step "models/ops/test.py (op against the PyTorch path)" 120 bash -c "cd models/o
 step "models/ops/test.py --benchmark" 120 bash -c "cd models/ops && '$PY' test.py --benchmark"
 step "pytest tests/test_ms_deform_attn_cuda.py" 300 "$PY" -m pytest -q tests/test_ms_deform_attn_cuda.py
 step "pytest tests/test_equivalence.py (CUDA model test included)" 180 "$PY" -m pytest -q tests/test_equivalence.py
-for path in compiled pytorch; do
-    force=0
-    [ $path = pytorch ] && force=1
-    for precision in fp32 amp; do
-        amp=()
-        [ $precision = amp ] && amp=(--use_fp16)
-        step "R50 hybrid train step 800x1333 x2, $path op, $precision" 150 env MSDA_FORCE_PYTORCH=$force \
-            "$PY" tools/benchmark.py --train --config "$CONFIG" --image_size 800 1333 --batch_size 2 --num_iters 8 \
-            --warm_iters 3 --device cuda "${amp[@]}"
-        step "R50 hybrid eval forward 800x1333, $path op, $precision" 120 env MSDA_FORCE_PYTORCH=$force \
-            "$PY" tools/benchmark.py --config "$CONFIG" --image_size 800 1333 --num_iters 30 --warm_iters 10 \
-            --device cuda "${amp[@]}"
-    done
+for precision in fp32 amp; do
+    amp=()
+    [ $precision = amp ] && amp=(--use_fp16)
+    step "R50 hybrid train step 800x1333 x2, $precision" 150 \
+        "$PY" tools/benchmark.py --train --config "$CONFIG" --image_size 800 1333 --batch_size 2 --num_iters 8 \
+        --warm_iters 3 --device cuda "${amp[@]}"
+    step "R50 hybrid eval forward 800x1333, $precision" 120 \
+        "$PY" tools/benchmark.py --config "$CONFIG" --image_size 800 1333 --num_iters 30 --warm_iters 10 \
+        --device cuda "${amp[@]}"
 done
 
 {

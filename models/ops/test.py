@@ -8,7 +8,7 @@ import argparse
 import sys
 
 import torch
-from functions import MSDeformAttnFunction, get_extension, ms_deform_attn_core_pytorch
+from functions import get_extension, ms_deform_attn_compiled, ms_deform_attn_core_pytorch
 
 HEADS, CHANNELS, POINTS = 8, 32, 4
 ENCODER_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
@@ -30,7 +30,7 @@ def make_inputs(n, num_queries, heads, channels, levels_hw, points, dtype, seed=
 
 
 def compiled(value, shapes, starts, locations, weights, im2col_step=64):
-    return MSDeformAttnFunction.apply(value, shapes, starts, locations, weights, im2col_step)
+    return ms_deform_attn_compiled(value, shapes, starts, locations, weights, im2col_step)
 
 
 def pytorch(value, shapes, starts, locations, weights, im2col_step=64):

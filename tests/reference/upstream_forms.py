@@ -63,8 +63,9 @@ def sampling_locations(reference_points, offsets, spatial_shapes, n_points):
 
 
 def msdeform_attn_forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                          input_level_start_index, input_padding_mask=None):
-    """MSDeformAttn.forward as upstream writes it, on the grid_sample path."""
+                          input_level_start_index, input_padding_mask=None, level_sizes=None):
+    """MSDeformAttn.forward as upstream writes it, on the grid_sample path (level_sizes, ours, is not used: upstream
+    reads the sizes from input_spatial_shapes)."""
     batch, num_queries, _ = query.shape
     value = self.value_proj(input_flatten)
     if input_padding_mask is not None:

@@ -170,6 +170,12 @@ def get_cpu_extension():
     return _load_once(_cpu_state, CPU_EXTENSION_NAME, load_cpu_extension, "CPU")
 
 
+def compiled_extension(device):
+    """The compiled op module for `device` (a torch.device: CUDA, else the CPU op), loaded lazily; None when it
+    cannot be loaded."""
+    return get_extension() if device.type == "cuda" else get_cpu_extension()
+
+
 def reset_extension_cache():
     """Forget the cached load results (for tests)."""
     with _lock:

@@ -1,44 +1,42 @@
-"""Multi-scale deformable attention core: the pure-PyTorch path, the compiled ops' autograd Function (CUDA and CPU),
-the dispatcher."""
-import os
-from contextlib import contextmanager
+"""Multi-scale deformable attention: the PyTorch path, the level-size helpers and the dispatcher between the
+PyTorch path and the compiled op (custom_op.py). The one place that chooses the path is use_compiled()."""
+import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .extension import get_cpu_extension, get_extension
+from . import extension
+from .custom_op import ms_deform_attn_compiled
 
-FORCE_PYTORCH_ENV = "MSDA_FORCE_PYTORCH"
-COMPILED_CPU_DTYPES = (torch.float32, torch.float64)
-_forced = {"pytorch_path": False}
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def spatial_shapes_tensor(sizes, device=None):
-    """The [L, 2] long tensor of the levels' (H_l, W_l) `sizes`; it remembers `sizes`, which level_sizes() then
-    returns without reading the tensor (under torch.export the sizes stay symbolic instead of data-dependent)."""
-    sizes = [(h, w) for h, w in sizes]
-    if all(isinstance(v, int) for size in sizes for v in size):
-        spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)
-    else:  # symbolic sizes (torch.export): computed in the graph, as torch.as_tensor would fix them to constants
-        spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(v, dtype=torch.long, device=device)
-                                                   for v in size]) for size in sizes])
-    spatial_shapes.level_sizes = sizes
-    return spatial_shapes
+def spatial_shapes_tensor(level_sizes, device=None):
+    """The [L, 2] int64 tensor of the levels' (H_l, W_l) `level_sizes` (Python ints, or symbolic sizes under
+    torch.export, which are then computed in the graph instead of being fixed to the traced values)."""
+    if all(isinstance(v, int) for size in level_sizes for v in size):
+        return torch.as_tensor([tuple(size) for size in level_sizes], dtype=torch.long, device=device)
+    return torch.stack([torch.stack([torch.scalar_tensor(v, dtype=torch.long, device=device) for v in size])
+                        for size in level_sizes])
 
 
-def level_sizes(spatial_shapes):
-    """[(H_l, W_l)] of a [L, 2] spatial-shapes tensor: the sizes spatial_shapes_tensor() made it from, else its
-    values."""
-    sizes = getattr(spatial_shapes, "level_sizes", None)
-    return sizes if sizes is not None else [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+def as_level_sizes(spatial_shapes):
+    """((H_l, W_l), ...) as Python data: a sequence of pairs is taken as it is; a [L, 2] tensor is read, which on a
+    GPU waits for the device (callers that have the sizes pass them instead, as the model does)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    sizes = tuple(tuple(size) for size in spatial_shapes)
+    if any(len(size) != 2 for size in sizes):
+        raise ValueError(f"level sizes must be (H, W) pairs, got {sizes}")
+    return sizes
 
 
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
     """Bilinearly sample every level at the given locations and sum the samples with the attention weights.
 
     value:               [N, S, M, D]  (S = sum of H_l * W_l over levels, M heads of D channels)
-    value_spatial_shapes [L, 2]        (H_l, W_l) of each level
+    value_spatial_shapes the levels' (H_l, W_l): pairs of ints, or a [L, 2] tensor (read with as_level_sizes)
     sampling_locations:  [N, Lq, M, L, P, 2]  (x, y) in [0, 1] of the level's map; outside samples are zero
     attention_weights:   [N, Lq, M, L, P]
     returns              [N, Lq, M * D]
@@ -46,7 +44,7 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
     """
     n, _, heads, channels = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    shapes = level_sizes(value_spatial_shapes)
+    shapes = as_level_sizes(value_spatial_shapes)
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample expects [-1, 1]
     sampled = []
@@ -65,79 +63,57 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
     return output.view(n, heads * channels, num_queries).transpose(1, 2).contiguous()
 
 
-def compiled_extension(value):
-    """The compiled op module for value's device (CUDA, or CPU for float32/float64), loaded lazily."""
-    return get_extension() if value.is_cuda else get_cpu_extension()
-
-
-class MSDeformAttnFunction(torch.autograd.Function):
-    """The compiled op (CUDA or CPU, after the inputs' device) with its backward; arguments as ms_deform_attn.
-
-    On CUDA under autocast the inputs are cast to float32; outside it float16/bfloat16 inputs run the half
-    kernels (float32 accumulation). The CPU op runs float32 and float64.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
-                im2col_step):
-        ext = compiled_extension(value)
-        if ext is None:
-            raise RuntimeError("MultiScaleDeformableAttention is not available; call ms_deform_attn instead")
-        ctx.extension = ext
-        # the kernels take one dtype for all three; mixed inputs run in the widest (autograd casts the grads back)
-        dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
-        value, sampling_locations, attention_weights = (
-            t.to(dtype) for t in (value, sampling_locations, attention_weights))
-        ctx.im2col_step = im2col_step
-        ctx.save_for_backward(value, value_spatial_shapes, value_level_start_index, sampling_locations,
-                              attention_weights)
-        return ext.ms_deform_attn_forward(value, value_spatial_shapes, value_level_start_index, sampling_locations,
-                                          attention_weights, im2col_step)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @once_differentiable
-    def backward(ctx, grad_output):
-        value, shapes, start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = ctx.extension.ms_deform_attn_backward(
-            value, shapes, start_index, sampling_locations, attention_weights, grad_output.contiguous(),
-            ctx.im2col_step)
-        return grad_value, None, None, grad_locations, grad_weights, None
-
-
-@contextmanager
-def force_pytorch_path():
-    """Within the block, ms_deform_attn takes the PyTorch path on every device (upstream's computation on the
-    CPU, the reference of the equivalence tests)."""
-    saved = _forced["pytorch_path"]
-    _forced["pytorch_path"] = True
-    try:
-        yield
-    finally:
-        _forced["pytorch_path"] = saved
+def _tracing_a_portable_graph():
+    """True under torch.export (torch >= 2.6 says so), the TorchScript-based ONNX export and TorchScript tracing or
+    scripting: their graphs must hold standard operators only, so they get the PyTorch path. torch.compile is not
+    among them: it traces the registered op."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return ((is_exporting is not None and is_exporting()) or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 def use_compiled(value):
-    """True when a compiled op takes `value`: a CUDA tensor, or a float32/float64 CPU tensor, unless
-    MSDA_FORCE_PYTORCH=1, force_pytorch_path() or an ONNX export / TorchScript trace asks for the PyTorch path,
-    and provided the op loads (lazily, on first use)."""
-    if os.environ.get(FORCE_PYTORCH_ENV, "0") == "1" or _forced["pytorch_path"]:
+    """True when the compiled op takes `value`: a CPU or CUDA tensor whose device's op loads (lazily, on first use;
+    one warning and the PyTorch path where it cannot be built), outside the exports of _tracing_a_portable_graph().
+    The one place that chooses the path; tests force the PyTorch path by monkeypatching it."""
+    if _tracing_a_portable_graph() or value.device.type not in ("cpu", "cuda"):
         return False
-    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    if not value.is_cuda and not (value.device.type == "cpu" and value.dtype in COMPILED_CPU_DTYPES):
-        return False
-    return compiled_extension(value) is not None
+    return extension.compiled_extension(value.device) is not None
+
+
+def compute_dtype(device, *tensors):
+    """The dtype the op computes in for these inputs: their promoted dtype, at least float32, except that CUDA
+    runs float16 / bfloat16 inputs of one dtype in their own kernels (which accumulate in float32)."""
+    dtypes = [t.dtype for t in tensors]
+    if all(d == dtypes[0] for d in dtypes) and (device.type == "cuda" or dtypes[0] in _CPU_KERNEL_DTYPES):
+        return dtypes[0]
+    return torch.promote_types(functools.reduce(torch.promote_types, dtypes), torch.float32)
 
 
 def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
-                   im2col_step=64):
-    """Multi-scale deformable attention [N, Lq, M*D]: a compiled op where use_compiled(value), else the PyTorch path.
+                   im2col_step=64, level_sizes=None):
+    """Multi-scale deformable attention [N, Lq, M * D] in value's dtype: the compiled op where use_compiled(value),
+    else the PyTorch path; both compute in compute_dtype() (under autocast too: bfloat16 / float16 values are cast
+    once to float32 on the CPU, and sampling locations stay as precise as they come).
 
-    Shapes as ms_deform_attn_core_pytorch; value_level_start_index [L] is the first row of each level in value.
+    Shapes as ms_deform_attn_core_pytorch; value_spatial_shapes [L, 2] int64 and value_level_start_index [L] (the
+    first row of each level in value) on value's device; level_sizes: the same (H_l, W_l) as Python ints (None:
+    read from value_spatial_shapes, a device read).
     """
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
+                         ("attention_weights", attention_weights)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
     if use_compiled(value):
-        return MSDeformAttnFunction.apply(value, value_spatial_shapes, value_level_start_index, sampling_locations,
-                                          attention_weights, im2col_step)
-    return ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights)
+        dtype = compute_dtype(value.device, value, sampling_locations, attention_weights)
+        output = ms_deform_attn_compiled(value.to(dtype), value_spatial_shapes, value_level_start_index,
+                                         sampling_locations.to(dtype), attention_weights.to(dtype), im2col_step)
+        return output.to(value.dtype)
+    dtype = compute_dtype(torch.device("cpu"), value, sampling_locations, attention_weights)
+    sizes = as_level_sizes(value_spatial_shapes if level_sizes is None else level_sizes)
+    # autocast would choose grid_sample's dtype itself
+    autocast_on = value.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(value.device.type)
+    with torch.autocast(value.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+        output = ms_deform_attn_core_pytorch(value.to(dtype), sizes, sampling_locations.to(dtype),
+                                             attention_weights.to(dtype))
+    return output.to(value.dtype)

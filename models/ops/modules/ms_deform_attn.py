@@ -60,9 +60,8 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
+                input_padding_mask=None, level_sizes=None):
         """
         query:              [N, Lq, C]
         reference_points:   [N, Lq, L, 2] points (x, y) in [0, 1] of the padded map,
@@ -70,7 +69,11 @@ class MSDeformAttn(nn.Module):
         input_flatten:      [N, S, C] with S = sum of H_l * W_l
         input_spatial_shapes [L, 2] (H_l, W_l); input_level_start_index [L]
         input_padding_mask: [N, S], True on padding
+        level_sizes:        ((H_l, W_l), ...) as Python ints, as the model passes them; None: read from
+                            input_spatial_shapes (on a GPU a wait for the device)
         returns             [N, Lq, C]
+        Under autocast the projections run in its dtype while the offsets, the softmax of the attention weights and
+        the sampling locations are computed in float32 (at least: float64 stays), and so is the sampling's sum.
         """
         n, num_queries, _ = query.shape
         _, num_values, _ = input_flatten.shape
@@ -82,8 +85,11 @@ class MSDeformAttn(nn.Module):
         # below run over a long contiguous last dimension (over a last dimension of 2, broadcast, the CPU kernels
         # are 2-4x slower); the operations and so the values are the same as in the [.., P, 2] layout
         pairs = self.n_points * 2
-        offsets = self.sampling_offsets(query).view(n, num_queries, self.n_heads, self.n_levels, pairs)
-        weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
+        precise = torch.promote_types(reference_points.dtype, torch.float32)  # a no-op cast outside autocast
+        reference_points = reference_points.to(precise)
+        offsets = self.sampling_offsets(query).to(precise).view(n, num_queries, self.n_heads, self.n_levels, pairs)
+        weights = self.attention_weights(query).to(precise).view(n, num_queries, self.n_heads,
+                                                                  self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, num_queries, self.n_heads, self.n_levels, self.n_points)
 
         # sampling locations [N, Lq, M, L, P * 2]
@@ -103,5 +109,5 @@ class MSDeformAttn(nn.Module):
         locations = locations.view(n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
 
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                                self.im2col_step)
+                                self.im2col_step, level_sizes)
         return self.output_proj(output)
