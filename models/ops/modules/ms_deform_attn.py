@@ -85,11 +85,13 @@ class MSDeformAttn(nn.Module):
         # below run over a long contiguous last dimension (over a last dimension of 2, broadcast, the CPU kernels
         # are 2-4x slower); the operations and so the values are the same as in the [.., P, 2] layout
         pairs = self.n_points * 2
-        precise = torch.promote_types(reference_points.dtype, torch.float32)  # a no-op cast outside autocast
+        offsets = self.sampling_offsets(query)
+        weights = self.attention_weights(query)
+        # at least float32, else the widest of the inputs (as upstream's arithmetic promotes): a no-op outside autocast
+        precise = torch.promote_types(torch.promote_types(reference_points.dtype, offsets.dtype), torch.float32)
         reference_points = reference_points.to(precise)
-        offsets = self.sampling_offsets(query).to(precise).view(n, num_queries, self.n_heads, self.n_levels, pairs)
-        weights = self.attention_weights(query).to(precise).view(n, num_queries, self.n_heads,
-                                                                  self.n_levels * self.n_points)
+        offsets = offsets.to(precise).view(n, num_queries, self.n_heads, self.n_levels, pairs)
+        weights = weights.to(precise).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, num_queries, self.n_heads, self.n_levels, self.n_points)
 
         # sampling locations [N, Lq, M, L, P * 2]
