@@ -19,6 +19,7 @@ from datasets.tta import UPSTREAM_TTA_MAX_SIZE, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
 from models.backbone import DEFAULT_PRETRAINED_BACKBONE_PATH, ViTBackbone, load_pretrained_backbone
+from models.compile import compile_model
 from models.tta import TestTimeAugmentation
 from models.vit import layer_decay_param_groups
 from util.arguments import argument_problems, check_args, size_range
@@ -184,6 +185,9 @@ def get_args_parser():
 
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training and evaluation (the first step of each input "
+                             "shape compiles, a minute or more; see docs/compile.md)")
     parser.add_argument("--use_checkpoint", default=False, action="store_true",
                         help="gradient checkpointing: recompute the transformer's encoder and decoder layers (and "
                              "a ViT backbone's blocks) in backward to save memory (Swin backbones checkpoint their "
@@ -393,6 +397,7 @@ def main(args):
                                                           else None)
 
     if args.eval:
+        model = compile_model(model, device) if args.compile else model
         tta = TestTimeAugmentation.from_args(args, postprocessors["bbox"]) if args.tta else None
         if tta is not None:
             print(tta)
@@ -407,6 +412,7 @@ def main(args):
     optimizer, scheduler = build_optimizer(args, model_without_ddp)
     scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16)
     ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
+    model = compile_model(model, device) if args.compile else model  # after the average's copy: it stays eager
     run = TrainingRun(args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
                       loader_train, loader_val, base_ds, device, ema=ema, n_parameters=n_parameters)
     if checkpoint is not None and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):

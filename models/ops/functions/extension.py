@@ -137,8 +137,13 @@ def _summary(error, width=200):
 
 def _load_once(state, name, load, device):
     """state's module: imported, else built by load(), else None after one warning; the outcome is cached."""
-    if state["tried"]:  # fast path once loaded (or given up)
+    if state["tried"]:  # fast path once loaded (or given up); torch.compile traces only this
         return state["module"]
+    return _load_now(state, name, load, device)
+
+
+@torch.compiler.disable
+def _load_now(state, name, load, device):
     with _lock:
         if not state["tried"]:
             module = _import_prebuilt(name)
@@ -148,7 +153,7 @@ def _load_once(state, name, load, device):
                 except Exception as error:  # any build failure degrades to the PyTorch path
                     warnings.warn(f"{name}: building the {device} op failed ({_summary(error)}); using the "
                                   f"PyTorch path (see {load.__name__}(verbose=True) for the compiler output)",
-                                  RuntimeWarning, stacklevel=4)
+                                  RuntimeWarning, stacklevel=5)
             state["module"] = module
             state["tried"] = True  # set last: the fast path reads it without the lock
         return state["module"]
