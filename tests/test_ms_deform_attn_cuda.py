@@ -340,6 +340,25 @@ def test_cuda_gradients_match_pytorch(compiled, dtype, tolerance):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_cuda_kernels_match_the_cpu_kernels(compiled, dtype, tolerance):
+    """The two compiled ops on the same decoder-sized inputs: forward and the three gradients."""
+    if extension.get_cpu_extension() is None:
+        pytest.fail("the CPU op did not build on a machine that builds the CUDA op")
+    value, shapes, starts, locations, weights = random_inputs(**DECODER_SIZES, dtype=dtype)
+    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], dtype=dtype,
+                           generator=torch.Generator().manual_seed(3))
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (value, locations, weights)]
+        out = compiled_apply(leaves[0], shapes.to(device), starts.to(device), leaves[1], leaves[2])
+        out.backward(grad_out.to(device))
+        results.append([out.detach().cpu()] + [t.grad.cpu() for t in leaves])
+    for name, on_cuda, on_cpu in zip(("output", "value", "locations", "weights"), results[1], results[0]):
+        torch.testing.assert_close(on_cuda, on_cpu, atol=tolerance, rtol=tolerance, msg=name)
+
+
+@requires_cuda
 def test_cuda_gradcheck_float64(compiled):
     value, shapes, starts, locations, weights = random_inputs(**UPSTREAM_SIZES, device="cuda")
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
