@@ -18,6 +18,7 @@ from datasets.tta import TestTimeAugmentation, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
 from models.backbone import load_pretrained_backbone
+from models.compile import compile_model
 from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer, as before)
 from util.arguments import argument_problems, check_args, check_device, get_args_parser  # noqa: F401 (upstream's)
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
@@ -155,6 +156,7 @@ def main(args):
                                                           else None)
 
     if args.eval:
+        model = compile_model(model, device) if args.compile else model
         tta = TestTimeAugmentation.from_args(args, postprocessors["bbox"]) if args.tta else None
         if tta is not None:
             print(tta)
@@ -169,6 +171,7 @@ def main(args):
     optimizer, scheduler = build_optimizer(args, model_without_ddp)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
+    model = compile_model(model, device) if args.compile else model  # after the average's copy: it stays eager
     run = TrainingRun(args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,
                       loader_train, loader_val, base_ds, device, ema=ema, n_parameters=n_parameters)
     if checkpoint is not None and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):

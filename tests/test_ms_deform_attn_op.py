@@ -12,7 +12,7 @@ from models.ops.functions import (
     ms_deform_attn_core_pytorch,
     ms_deform_attn_func,
 )
-from models.ops.functions.extension import get_cpu_extension
+from models.ops.functions.extension import get_cpu_extension, get_extension
 
 SHAPES = [(5, 7), (3, 4), (2, 3)]
 
@@ -55,6 +55,20 @@ def test_opcheck_backward(cpu_op):
     grad_output = torch.randn(2, 4, 6, dtype=torch.float64)
     torch.library.opcheck(ms_deform_attn_compiled_backward,
                           (value, shapes, starts, locations, weights, grad_output, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_opcheck_on_cuda(dtype):
+    """The op's registration on CUDA tensors, in every dtype of the CUDA kernels."""
+    if get_extension() is None:
+        pytest.fail("the CUDA op did not load on a machine with a GPU")
+    value, shapes, starts, locations, weights = (t.cuda() for t in op_inputs())
+    leaves = [t.to(dtype).requires_grad_() for t in (value, locations, weights)]
+    torch.library.opcheck(ms_deform_attn_compiled, (leaves[0], shapes, starts, leaves[1], leaves[2], 64))
+    grad_output = torch.randn(2, 4, 6, dtype=dtype, device="cuda")
+    torch.library.opcheck(ms_deform_attn_compiled_backward,
+                          (value.to(dtype), shapes, starts, locations.to(dtype), weights.to(dtype), grad_output, 64))
 
 
 def test_gradcheck_of_the_cpu_kernel_in_float64(cpu_op):

@@ -173,6 +173,9 @@ def get_args_parser():
     # training techniques
     parser.add_argument("--use_fp16", default=False, action="store_true",
                         help="upstream's flag for float16 mixed precision: the same as --amp fp16")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training and evaluation (the first step of each input "
+                             "shape compiles, a minute or more; see docs/compile.md)")
     parser.add_argument("--amp", default="fp32", choices=AMP_MODES,
                         help="mixed precision of training and evaluation (torch.autocast): fp32 (off, the "
                              "default), bf16, or fp16 (with a gradient scaler); on any --device")

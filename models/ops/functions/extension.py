@@ -1,5 +1,5 @@
-"""Loading of the compiled MultiScaleDeformableAttention ops (CUDA, and CPU): prebuilt import, else JIT build,
-else None (the PyTorch path)."""
+"""Loading of the compiled MultiScaleDeformableAttention ops (CUDA, and CPU): prebuilt import, else JIT build (in a
+directory of its build key, build_cache.py), else None (the PyTorch path)."""
 import importlib
 import logging
 import os
@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from . import build_cache
 
 EXTENSION_NAME = "MultiScaleDeformableAttention"  # the CUDA op
 CPU_EXTENSION_NAME = "MultiScaleDeformableAttentionCPU"
@@ -36,14 +38,28 @@ def _cpp_extension():
     return cpp_extension
 
 
-def extension_sources():
+def extension_sources(source_dir=SOURCE_DIR):
     """The C++ and CUDA source files of the CUDA op, as strings."""
-    return [str(SOURCE_DIR / "binding.cpp"), str(SOURCE_DIR / "cuda" / "ms_deform_attn_cuda.cu")]
+    return [str(Path(source_dir) / "binding.cpp"), str(Path(source_dir) / "cuda" / "ms_deform_attn_cuda.cu")]
 
 
-def cpu_extension_sources():
+def cpu_extension_sources(source_dir=SOURCE_DIR):
     """The C++ source files of the CPU op, as strings."""
-    return [str(SOURCE_DIR / "cpu" / "ms_deform_attn_cpu.cpp")]
+    return [str(Path(source_dir) / "cpu" / "ms_deform_attn_cpu.cpp")]
+
+
+def _keyed_build(name, source_dir, flags, build_directory, cuda_arch_list=None):
+    """(module name, build directory, staged source directory) of a JIT build: the name carries the build key, the
+    directory defaults to <extensions root>/<that name>."""
+    keyed_name = f"{name}_{build_cache.build_key(source_dir, flags, cuda_arch_list)}"
+    directory = Path(build_directory) if build_directory is not None else build_cache.extensions_root() / keyed_name
+    return keyed_name, directory, build_cache.staged_sources(source_dir, directory)
+
+
+def _visible_arch_list():
+    """The visible GPUs' architectures ("8.0;9.0"), the ones cpp_extension builds for without TORCH_CUDA_ARCH_LIST."""
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in capabilities)
 
 
 def find_cuda_home():
@@ -74,13 +90,13 @@ def configure_cuda_home():
     return root
 
 
-def load_extension(verbose=False, arch_list=None, build_directory=None):
+def load_extension(verbose=False, arch_list=None, build_directory=None, source_dir=SOURCE_DIR):
     """Compile (or reuse the cached build of) the op with ninja and import it; raises on failure.
 
     arch_list: e.g. "8.0" or "8.0;9.0+PTX"; default TORCH_CUDA_ARCH_LIST, else the visible GPUs, else
     DEFAULT_ARCH_LIST, so this also works on a machine without a GPU. build_directory: default
-    $TORCH_EXTENSIONS_DIR/MultiScaleDeformableAttention, else ~/.cache/torch_extensions/py<XY>_cu<XY>/
-    MultiScaleDeformableAttention; ninja rebuilds only what changed. Needs nvcc and ninja, not a GPU.
+    <$TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions>/MultiScaleDeformableAttention_<build key>; ninja
+    rebuilds only what changed. Needs nvcc and ninja, not a GPU.
     """
     cpp_extension = _cpp_extension()
 
@@ -88,15 +104,16 @@ def load_extension(verbose=False, arch_list=None, build_directory=None):
         raise OSError("no CUDA toolkit found: set CUDA_HOME to the directory holding bin/nvcc")
     if arch_list is None and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         arch_list = DEFAULT_ARCH_LIST
-    if build_directory is not None:
-        os.makedirs(build_directory, exist_ok=True)
+    effective_arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or _visible_arch_list()
+    flags = ["cflags", "-O3", "cuda_cflags", *NVCC_FLAGS]
+    name, directory, staged = _keyed_build(EXTENSION_NAME, source_dir, flags, build_directory, effective_arch_list)
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch_list is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by cpp_extension when it writes the nvcc flags
     try:
         return cpp_extension.load(
-            name=EXTENSION_NAME, sources=extension_sources(), extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
-            build_directory=None if build_directory is None else str(build_directory), verbose=verbose)
+            name=name, sources=extension_sources(staged), extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
+            build_directory=str(directory), verbose=verbose)
     finally:
         if arch_list is not None:
             if previous is None:
@@ -105,17 +122,21 @@ def load_extension(verbose=False, arch_list=None, build_directory=None):
                 os.environ["TORCH_CUDA_ARCH_LIST"] = previous
 
 
-def load_cpu_extension(verbose=False, build_directory=None):
+def cpu_build(source_dir=SOURCE_DIR, build_directory=None):
+    """(module name, build directory, staged sources) of the CPU op's JIT build."""
+    return _keyed_build(CPU_EXTENSION_NAME, source_dir, ["cflags", *CPU_FLAGS, "ldflags", "-fopenmp"], build_directory)
+
+
+def load_cpu_extension(verbose=False, build_directory=None, source_dir=SOURCE_DIR):
     """Compile (or reuse the cached build of) the CPU op with ninja and a C++ compiler, and import it; raises on
-    failure. build_directory: default $TORCH_EXTENSIONS_DIR/MultiScaleDeformableAttentionCPU (else
-    ~/.cache/torch_extensions/...); about half a minute the first time."""
+    failure. build_directory: default <$TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions>/
+    MultiScaleDeformableAttentionCPU_<build key>; about half a minute the first time."""
     cpp_extension = _cpp_extension()
 
-    if build_directory is not None:
-        os.makedirs(build_directory, exist_ok=True)
+    name, directory, staged = cpu_build(source_dir, build_directory)
     return cpp_extension.load(
-        name=CPU_EXTENSION_NAME, sources=cpu_extension_sources(), extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"],
-        build_directory=None if build_directory is None else str(build_directory), verbose=verbose)
+        name=name, sources=cpu_extension_sources(staged), extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"],
+        build_directory=str(directory), verbose=verbose)
 
 
 def _import_prebuilt(name=EXTENSION_NAME):
@@ -137,8 +158,13 @@ def _summary(error, width=200):
 
 def _load_once(state, name, load, device):
     """state's module: imported, else built by load(), else None after one warning; the outcome is cached."""
-    if state["tried"]:  # fast path once loaded (or given up)
+    if state["tried"]:  # fast path once loaded (or given up); torch.compile traces only this
         return state["module"]
+    return _load_now(state, name, load, device)
+
+
+@torch.compiler.disable
+def _load_now(state, name, load, device):
     with _lock:
         if not state["tried"]:
             module = _import_prebuilt(name)
@@ -148,7 +174,7 @@ def _load_once(state, name, load, device):
                 except Exception as error:  # any build failure degrades to the PyTorch path
                     warnings.warn(f"{name}: building the {device} op failed ({_summary(error)}); using the "
                                   f"PyTorch path (see {load.__name__}(verbose=True) for the compiler output)",
-                                  RuntimeWarning, stacklevel=4)
+                                  RuntimeWarning, stacklevel=5)
             state["module"] = module
             state["tried"] = True  # set last: the fast path reads it without the lock
         return state["module"]
