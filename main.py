@@ -23,6 +23,7 @@ from models.tta import TestTimeAugmentation
 from models.vit import layer_decay_param_groups
 from util.arguments import argument_problems, check_args, size_range
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
+from util.output_dir import check_output_dir
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
     epoch_seed,
@@ -351,6 +352,7 @@ def load_weights(args, model, source, checkpoint):
 
 
 def main(args):
+    check_output_dir(args.output_dir)
     check_args(args)
     utils.init_distributed_mode(args)
     check_device(args)
@@ -358,10 +360,7 @@ def main(args):
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"--output_dir {output_dir} exists and is not a directory")
     if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_temporaries(output_dir):
             print(f"removed {path}, left by an interrupted save")
     if args.tensorboard and not args.eval:
