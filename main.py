@@ -148,6 +148,9 @@ def get_args_parser():
 
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
+    parser.add_argument("--dist_timeout", default=None, type=utils.positive_seconds, metavar="SECONDS",
+                        help="seconds a collective may wait for the other processes before the run fails, naming "
+                             "the ranks that did not respond (default: torch's, 30 min with gloo, 10 with NCCL)")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint")
     parser.add_argument("--finetune", default="",
@@ -427,7 +430,8 @@ if __name__ == "__main__":
     if problems:
         parser.error("; ".join(problems))
     try:
-        main(parsed)
+        with utils.unresponsive_ranks_named():
+            main(parsed)
         exit_code = 0
     except Preempted as stopped:
         print(stopped, flush=True)
