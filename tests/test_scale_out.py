@@ -5,6 +5,7 @@ Every run is main.py under torchrun on CPU with gloo (2 processes, batch 1 each:
 """
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from test_resume import epoch_lines, flags, losses, process_tree
 import main as project_main
 import util.misc
 from datasets.synthetic import make_synthetic_coco
+from util.checkpoint import load_checkpoint
 
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
@@ -148,6 +150,28 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(coco,
     output = launch.output()
     assert "--auto_resume: resuming from" in output and "connectFullMesh" not in output
     assert_same_run(out, one_node_of_two)
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_on_torchrun_saves_and_stops_every_worker(coco, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun alone (its workers run in sessions of their own); torchrun sends them
+    SIGINT: both finish the iteration, save one checkpoint with both random states, and stop with the message."""
+    out = tmp_path / "ctrl_c"
+    launch = torchrun(coco, out, "--nproc_per_node", 2, *LOCALHOST, "--master_port", free_port(),
+                      extra=("--epochs", 4))
+    wait_until(lambda: len(losses(out)) >= 2 if (out / "log_iterations.txt").exists() else False, launch,
+               "the second iteration")
+    os.killpg(launch.process.pid, signal.SIGINT)
+    assert launch.wait(timeout=120) != 0
+    output = launch.output()
+    assert output.count("closing signal SIGINT") == 2  # torchrun's log: one per worker
+    assert re.search(r"received SIGINT: stopped after epoch 0 iteration \d; saved " + re.escape(
+        str(out / "checkpoint.pth")), output), output[-5000:]
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert len(checkpoint["in_epoch"]["random"]) == 2
+    assert "]: Traceback" not in output  # no worker's ([rankN]: ...; torchrun's own SignalException is its way out)
 
 
 # --------------------------------------------------------------------------- --dist_timeout
