@@ -167,7 +167,7 @@ def test_ctrl_c_on_torchrun_saves_and_stops_every_worker(coco, tmp_path):
     assert launch.wait(timeout=120) != 0
     output = launch.output()
     assert output.count("closing signal SIGINT") == 2  # torchrun's log: one per worker
-    assert re.search(r"received SIGINT: stopped after epoch 0 iteration \d; saved " + re.escape(
+    assert re.search(r"received SIGINT: stopped after epoch \d iteration \d; saved " + re.escape(
         str(out / "checkpoint.pth")), output), output[-5000:]
     checkpoint = load_checkpoint(out / "checkpoint.pth")
     assert len(checkpoint["in_epoch"]["random"]) == 2
@@ -234,9 +234,10 @@ def test_a_stopped_rank_that_hosts_the_store_is_named(coco, tmp_path):
         for launch in ranks:
             launch.kill()
     last = ranks[1].output().strip().splitlines()[-1]
-    assert last.endswith(f"CollectiveFailed: rank 1 of 2 saw a collective fail: Timed out waiting 5000ms for recv "
-                         f"operation to complete; the store at 127.0.0.1:{port}, which rank 0 hosts, did not answer "
-                         "either: rank 0 stopped responding"), last
+    # the stop catches rank 1 waiting on a send or on a receive
+    assert re.search(r"CollectiveFailed: rank 1 of 2 saw a collective fail: Timed out waiting 5000ms for (send|recv) "
+                     rf"operation to complete; the store at 127\.0\.0\.1:{port}, which rank 0 hosts, did not answer "
+                     r"either: rank 0 stopped responding$", last), last
 
 
 def test_failure_reports_name_only_the_silent_ranks(monkeypatch):

@@ -178,8 +178,9 @@ MEMBER_KEY = "member/{}"  # "host, pid" of a rank, for messages naming it
 FAILED_KEY = "failed_collective/{}"  # set by a rank whose collective failed (see unresponsive_ranks_named)
 NAMING_GRACE_S = 10.0  # at most this long a failed rank waits for the others' reports (less with a short timeout)
 STORE_ANSWER_S = 5.0  # and this much longer for the store's answers
-# how gloo's (and NCCL's) failures of a collective read, as RuntimeErrors: a timeout, a lost peer
-COMMUNICATION_FAILURE = re.compile(r"gloo|NCCL|[Tt]imed out|Connection (reset|closed|refused)|pair closure")
+# how gloo's (and NCCL's) failures of a collective read as plain RuntimeErrors: gloo's name its source file
+# ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
+COMMUNICATION_FAILURE = re.compile(r"gloo|NCCL|pair closure|Connection (reset|closed) by peer")
 
 
 @dataclass
