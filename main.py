@@ -23,6 +23,7 @@ from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer
 from util.arguments import argument_problems, check_args, check_device, get_args_parser  # noqa: F401 (upstream's)
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.download import DownloadError
+from util.output_dir import check_output_dir
 from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
     epoch_seed,
@@ -117,15 +118,13 @@ def load_weights(args, model, source, checkpoint):
 
 def main(args):
     """Train, or with --eval evaluate, as the parsed main.py `args` say; returns the last evaluation's stats."""
+    check_output_dir(args.output_dir)
     args = derived_settings(args)
     print(args)
     device = torch.device(args.device)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"--output_dir {output_dir} exists and is not a directory")
     if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_temporaries(output_dir):
             print(f"removed {path}, left by an interrupted save")
     if args.tensorboard and not args.eval:
@@ -193,7 +192,8 @@ if __name__ == "__main__":
     if problems:
         parser.error("; ".join(problems))
     try:
-        main(parsed)
+        with utils.unresponsive_ranks_named():
+            main(parsed)
         exit_code = 0
     except Preempted as stopped:
         print(stopped, flush=True)

@@ -213,8 +213,9 @@ def test_run_dist_launch_with_the_synthetic_demo_config(coco_set, tmp_path):
                   "--device", "cpu", "--coco_path", coco_set, "--output_dir", out, "--epochs", 1,
                   "--batch_size", 1, "--num_workers", 0, "--train_scales", 96, "--val_scale", 96,
                   "--max_size", 128],
-                 env=subprocess_env(MASTER_PORT=str(free_port())))
+                 env=subprocess_env(MASTER_PORT=str(free_port()), MAX_RESTARTS="1"))
     assert_both_ranks_ran(output)
+    assert "--max-restarts 1" in output  # the launcher's trace (set -x) of the torchrun command
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0]
     assert (out / "checkpoint.pth").is_file() and (out / "eval" / "latest.pth").is_file()

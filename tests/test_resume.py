@@ -181,22 +181,76 @@ def test_kill_9_anywhere_and_auto_resume(coco, uninterrupted_subprocess, tmp_pat
     assert_same_run(tmp_path, uninterrupted_subprocess)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+# Ctrl-C in a terminal: SIGINT to the whole foreground process group, the DataLoader's workers included
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_signal_saves_after_the_iteration_and_exits(coco, uninterrupted_subprocess, tmp_path, signum):
-    process = start(coco, tmp_path)
+    ctrl_c = signum == signal.SIGINT
+    process = start(coco, tmp_path, *(["--num_workers", 1] if ctrl_c else []))
     wait_for_iterations(process, tmp_path, 3)
-    os.kill(process.pid, signum)
+    (os.killpg if ctrl_c else os.kill)(process.pid, signum)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 128 + signum, output[-3000:]
-    message = next(line for line in output.splitlines() if line.startswith("received"))
-    assert message.startswith(f"received {signal.Signals(signum).name}: stopped after epoch")
+    name = signal.Signals(signum).name
+    assert f"received {name}: saving a checkpoint after this iteration, then stopping" in output
+    assert ("Ctrl-C again: stop at once" in output) == ctrl_c
+    message = next(line for line in output.splitlines() if line.startswith(f"received {name}: stopped after epoch"))
     assert f"resume with --resume {tmp_path / 'checkpoint.pth'} (or --auto_resume)" in message
+    assert "Traceback" not in output, output[-3000:]
     at = load_checkpoint(tmp_path / "checkpoint.pth")
     assert "in_epoch" in at or at["epoch"] >= 0
     process = start(coco, tmp_path, "--auto_resume")
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
     assert_same_run(tmp_path, uninterrupted_subprocess)
+
+
+def test_ctrl_c_twice_stops_at_once_but_not_during_the_stop_save(tmp_path):
+    """A second Ctrl-C before the stop's save stops at once (Preempted, nothing saved); one during a save
+    interrupts it without harm (saves are atomic: the previous file stays, no temporary is left); once the stop
+    is under way (requested() said yes) further Ctrl-Cs are only remembered, so its save completes."""
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"step": 1}, path)
+    before = signal.getsignal(signal.SIGINT)
+
+    class CtrlCWhilePickled:
+        def __reduce__(self):
+            signal.raise_signal(signal.SIGINT)
+            return (dict, ())
+
+    preemption = util.preemption.Preemption()
+    with preemption.handling():
+        signal.raise_signal(signal.SIGINT)  # the first: remembered
+        assert preemption.signum == signal.SIGINT
+        with pytest.raises(util.preemption.Preempted, match="received SIGINT twice: stopped at once, nothing saved"):
+            save_checkpoint({"step": 2, "payload": CtrlCWhilePickled()}, path)
+    assert load_checkpoint(path) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+    preemption = util.preemption.Preemption()
+    with preemption.handling():
+        signal.raise_signal(signal.SIGINT)
+        assert preemption.requested()  # the stop begins: its save must not be cut short
+        save_checkpoint({"step": 3, "payload": CtrlCWhilePickled()}, path)
+        signal.raise_signal(signal.SIGINT)
+    assert torch.load(path, weights_only=False) == {"step": 3, "payload": {}}  # the save went through
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
+
+
+def test_forked_children_ignore_the_handlers_they_inherit():
+    """A DataLoader worker forked inside handling() inherits its handler: the signal is for the main process, so
+    the worker neither stops nor records it (it ends when the main process does)."""
+    preemption = util.preemption.Preemption()
+    with preemption.handling():
+        child = os.fork()
+        if child == 0:
+            try:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                os._exit(0 if preemption.signum == 0 else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def torchrun(coco, out, *extra):

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .misc import positive_seconds
+
 # upstream's default of --pretrained_backbone_path (a Swin file); for other backbones it means "not given"
 DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
 AMP_MODES = ("fp32", "bf16", "fp16")
@@ -135,6 +137,9 @@ def get_args_parser():
 
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
+    parser.add_argument("--dist_timeout", default=None, type=positive_seconds, metavar="SECONDS",
+                        help="seconds a collective may wait for the other processes before the run fails, naming "
+                             "the ranks that did not respond (default: torch's, 30 min with gloo, 10 with NCCL)")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint")
     parser.add_argument("--finetune", default="",

@@ -1,7 +1,16 @@
 """Tensor helpers (NestedTensor, padding, inverse sigmoid, accuracy) and distributed helpers."""
+import argparse
 import builtins
+import datetime
+import math
 import os
+import re
+import socket
 import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -161,11 +170,59 @@ def _slurm_environment():
     return rank, world_size, local_rank
 
 
+# The keys of one start of the process group go under a prefix of their own: torchrun restarts a failed worker
+# group (--max-restarts) against the same store, its agent's, where the killed group's keys (gloo's peer addresses
+# above all) are still set; a restarted rank that read its peer's stale address failed to connect or hung.
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+MEMBER_KEY = "member/{}"  # "host, pid" of a rank, for messages naming it
+FAILED_KEY = "failed_collective/{}"  # set by a rank whose collective failed (see unresponsive_ranks_named)
+NAMING_GRACE_S = 10.0  # at most this long a failed rank waits for the others' reports (less with a short timeout)
+STORE_ANSWER_S = 5.0  # and this much longer for the store's answers
+# how gloo's (and NCCL's) failures of a collective read as plain RuntimeErrors: gloo's name its source file
+# ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
+COMMUNICATION_FAILURE = re.compile(r"gloo|NCCL|pair closure|Connection (reset|closed) by peer")
+
+
+@dataclass
+class _ProcessGroup:
+    """What this process needs of the group it started to name the ranks that stop responding."""
+    store: dist.Store
+    rank: int
+    world_size: int
+    timeout: Optional[datetime.timedelta]
+
+
+_group: Optional[_ProcessGroup] = None
+
+
+def positive_seconds(text):
+    """argparse type of --dist_timeout: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _group_store(rank, world_size, timeout):
+    """The store of torch's env:// rendezvous (torchrun's agent serves it, else rank 0 does), its keys under
+    this start's restart count."""
+    options = {} if timeout is None else {"timeout": timeout}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, **options))
+    if timeout is not None:
+        store.set_timeout(timeout)
+    return dist.PrefixStore(f"restart_{os.environ.get(RESTART_COUNT, '0')}", store)
+
+
 def init_distributed_mode(args):
     """Set args.distributed/rank/world_size/gpu from torchrun or SLURM variables and start the process group.
 
     NCCL is used for CUDA devices, gloo otherwise; a single process without those variables runs undistributed.
+    args.dist_timeout (seconds, None: torch's default) bounds every collective and the rendezvous.
     """
+    global _group
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
@@ -184,17 +241,93 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     args.dist_backend = "nccl" if use_cuda else "gloo"
+    seconds = getattr(args, "dist_timeout", None)
+    timeout = None if seconds is None else datetime.timedelta(seconds=seconds)
     print(f"| distributed init (rank {args.rank} of {args.world_size}, backend {args.dist_backend})", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method="env://",
-                            world_size=args.world_size, rank=args.rank)
+    store = _group_store(args.rank, args.world_size, timeout)
+    dist.init_process_group(backend=args.dist_backend, store=store, world_size=args.world_size, rank=args.rank,
+                            timeout=timeout)
+    store.set(MEMBER_KEY.format(args.rank), f"host {socket.gethostname()}, pid {os.getpid()}")
+    _group = _ProcessGroup(store, args.rank, args.world_size, timeout)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 
 
 def close_distributed_mode():
     """End the process group, if one was started (torch's documented end of a distributed run)."""
+    global _group
+    _group = None
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective failed (timed out, lost a peer); the message names the ranks that did not respond."""
+
+
+def _member(store, rank):
+    """'host NAME, pid N' of a rank (a store's get would wait for a missing key: hence the check)."""
+    key = MEMBER_KEY.format(rank)
+    return store.get(key).decode() if store.check([key]) else "host unknown"
+
+
+def _report_and_wait(group, grace_s, missing):
+    group.store.set(FAILED_KEY.format(group.rank), "1")
+    deadline = time.monotonic() + grace_s
+    while True:
+        missing[:] = [r for r in range(group.world_size) if not group.store.check([FAILED_KEY.format(r)])]
+        if not missing or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+def unresponsive_ranks(group, grace_s):
+    """The ranks that do not report a failed collective within grace_s (a stopped, hung or dead process; the
+    others' collectives fail within the timeout too): this rank reports its own, then waits for theirs. None when
+    the store itself does not answer in time (a store request to a stopped host waits on it, whatever the store's
+    timeout: hence the thread)."""
+    missing = [None]
+    asking = threading.Thread(target=_report_and_wait, args=(group, grace_s, missing), daemon=True)
+    asking.start()
+    asking.join(grace_s + STORE_ANSWER_S)
+    return None if asking.is_alive() or missing == [None] else missing
+
+
+def describe_failed_collective(group, error):
+    """The message of CollectiveFailed: who did not respond, and the error this rank got."""
+    timeout_s = None if group.timeout is None else group.timeout.total_seconds()
+    within = "torch's default timeout" if timeout_s is None else f"--dist_timeout {timeout_s:g} s"
+    grace_s = NAMING_GRACE_S if timeout_s is None else min(NAMING_GRACE_S, timeout_s)
+    lines = str(error).strip().splitlines()
+    # gloo's messages start with its source file: "[.../gloo/transport/tcp/pair.cc:545] Read error ..."
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(error).__name__
+    seen = f"rank {group.rank} of {group.world_size} saw a collective fail: {cause}"
+    missing = unresponsive_ranks(group, grace_s)
+    if missing is None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return f"{seen}; the store at {where} (torchrun's, on the first node) did not answer either"
+        return f"{seen}; the store at {where}, which rank 0 hosts, did not answer either: rank 0 stopped responding"
+    if not missing:
+        return f"{seen} (every rank reported the failure)"
+    reported = [r for r in range(group.world_size) if r not in missing]
+    named = ", ".join(f"rank {r} ({_member(group.store, r)})" for r in missing)
+    return (f"{named} did not respond within {within}: stopped, hung or dead, or waiting behind such a process "
+            f"(ranks that reported the failure within {grace_s:g} s: {', '.join(map(str, reported))}); {seen}")
+
+
+@contextmanager
+def unresponsive_ranks_named():
+    """Around a distributed run: a failed collective (timeout, lost peer) is raised again as CollectiveFailed,
+    naming the ranks that did not respond; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        group = _group
+        communication = isinstance(error, dist.DistError) or COMMUNICATION_FAILURE.search(str(error))
+        if group is None or not communication or isinstance(error, CollectiveFailed):
+            raise
+        raise CollectiveFailed(describe_failed_collective(group, error)) from error
 
 
 def all_gather(data):
