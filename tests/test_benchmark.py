@@ -127,7 +127,7 @@ def test_measure_training_computes_gradients_and_leaves_the_weights():
     backward = []
     model.class_embed[0].weight.register_hook(lambda grad: backward.append(grad.abs().sum().item()))
     times, peak = TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 3, 1)
-    assert {k: len(v) for k, v in times.items()} == {"forward": 2, "loss": 2, "backward": 2}
+    assert {k: len(v) for k, v in times.items()} == {"forward": 2, "loss": 2, "backward": 2, "cpu": 2}
     assert all(t > 0 for v in times.values() for t in v) and peak > 2 ** 20
     assert len(backward) == 3 and all(g > 0 for g in backward)  # one backward per step, reaching the heads
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())

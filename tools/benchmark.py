@@ -13,8 +13,9 @@ script timed all queries, one-to-many included; evaluation uses only the one-to-
 peak memory (CUDA: allocated by torch; CPU: the process's resident set) during the timed steps. The batch is
 the first --batch_size training images with their boxes, or random images of the --image_size sizes (image i of
 the batch takes the i-th size, cycling) with --boxes random boxes each. Other arguments are main.py's (--device,
---amp / --use_fp16, model flags); --threads sets torch's CPU threads. --amp bf16|fp16 runs the model under autocast
-as training and evaluation do (util.amp: losses in float32, fp16's loss scaled). --profile N then runs N more
+--amp / --use_fp16, model flags); --threads sets torch's CPU threads (the process CPU time printed beside the
+times is the fairer figure on a CPU shared with other work, at 1 thread). --amp bf16|fp16 runs the model under
+autocast as training and evaluation do (util.amp: losses in float32, fp16's loss scaled). --profile N then runs N more
 iterations under torch.profiler and prints the operators taking the most CPU time (self time) and how much of it
 went to casts and copies (aten::copy_, aten::to). The first line names the CPU capability and whether bf16 and fp16
 are native on this CPU.
@@ -72,20 +73,23 @@ def _synchronize(device):
 
 
 @torch.no_grad()
-def measure(model, inputs, device, num_iters, warm_iters, amp="fp32"):
+def measure(model, inputs, device, num_iters, warm_iters, amp="fp32", cpu_times=None):
     """Seconds per forward pass of each timed iteration (after warm_iters), in eval mode (one-to-one queries),
-    in precision `amp` (util.amp, as evaluation runs it); the model's train/eval mode is restored afterwards."""
+    in precision `amp` (util.amp, as evaluation runs it); the model's train/eval mode is restored afterwards.
+    `cpu_times` (a list) receives the process CPU seconds of each timed pass."""
     times = []
     training = model.training
     model.eval()
     try:
         for i in range(num_iters):
             _synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             mixed_precision.forward(model, inputs, device, amp)
             _synchronize(device)
             if i >= warm_iters:
                 times.append(time.perf_counter() - start)
+                if cpu_times is not None:
+                    cpu_times.append(time.process_time() - cpu_start)
     finally:
         model.train(training)
     return times
@@ -121,21 +125,22 @@ class PeakMemory:
 
 def measure_training(model, criterion, images, targets, device, num_iters, warm_iters, amp="fp32"):
     """Seconds of forward, losses and backward of each timed training step (after warm_iters) in precision `amp`
-    (as engine.train_one_epoch: the forward under autocast, the losses in float32, fp16's loss scaled), and the
-    peak memory in bytes of the timed steps. Gradients are computed (and dropped); the parameters never change (the
-    BatchNorm statistics of a backbone trained from scratch do, as in any training-mode forward)."""
+    (as engine.train_one_epoch: the forward under autocast, the losses in float32, fp16's loss scaled), with the
+    process CPU seconds of each step ("cpu"), and the peak memory in bytes of the timed steps. Gradients are
+    computed (and dropped); the parameters never change (the BatchNorm statistics of a backbone trained from
+    scratch do, as in any training-mode forward)."""
     model.train()
     criterion.train()
     scaler = mixed_precision.grad_scaler(device, amp)
     samples = nested_tensor_from_tensor_list(images)
-    times = {"forward": [], "loss": [], "backward": []}
+    times = {"forward": [], "loss": [], "backward": [], "cpu": []}
     peak = PeakMemory(device)
     for i in range(num_iters):
         if i == warm_iters:
             peak.reset()
         model.zero_grad(set_to_none=True)
         _synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outputs = mixed_precision.forward(model, samples, device, amp)
         _synchronize(device)
         forward_done = time.perf_counter()
@@ -150,6 +155,7 @@ def measure_training(model, criterion, images, targets, device, num_iters, warm_
             times["forward"].append(forward_done - start)
             times["loss"].append(loss_done - forward_done)
             times["backward"].append(backward_done - loss_done)
+            times["cpu"].append(time.process_time() - cpu_start)
     model.zero_grad(set_to_none=True)
     return times, peak.read()
 
@@ -262,7 +268,8 @@ def main(argv=None):
         steps = [f + lo + b for f, lo, b in zip(times["forward"], times["loss"], times["backward"])]
         print(f"training step, batch {batch_size} ({shapes}) on {where}, {amp}, median of {len(steps)} timed steps: "
               f"forward {_ms(times['forward'])} ms, loss {_ms(times['loss'])} ms, backward "
-              f"{_ms(times['backward'])} ms, step {_ms(steps)} ms; peak memory {peak / 2 ** 20:.0f} MiB")
+              f"{_ms(times['backward'])} ms, step {_ms(steps)} ms (process CPU time {_ms(times['cpu'])} ms); "
+              f"peak memory {peak / 2 ** 20:.0f} MiB")
         if args.profile:
             print_profile(lambda: measure_training(model, criterion, images, targets, device, 1, 0, amp),
                           args.profile, args.profile_rows, device)
@@ -271,11 +278,12 @@ def main(argv=None):
     inputs = nested_tensor_from_tensor_list(images)
     peak = PeakMemory(device)
     peak.reset()
-    times = measure(model, inputs, device, args.num_iters, args.warm_iters, amp)
+    cpu_times = []
+    times = measure(model, inputs, device, args.num_iters, args.warm_iters, amp, cpu_times)
     mean = statistics.fmean(times)
     print(f"input {batch_size} x {tuple(images[0].shape)} on {where}, {amp}, {len(times)} timed passes: "
-          f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms); peak memory "
-          f"{peak.read() / 2 ** 20:.0f} MiB")
+          f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms, process CPU time "
+          f"{_ms(cpu_times)} ms); peak memory {peak.read() / 2 ** 20:.0f} MiB")
     fps = batch_size / mean
     print(f"Inference Speed: {fps:.1f} FPS")
     if args.profile:

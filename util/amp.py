@@ -40,9 +40,14 @@ def grad_scaler(device, amp):
 
 
 def autocast(device, amp):
-    """The torch.autocast context of `amp` on `device` (disabled for fp32: the float32 computation as it is)."""
+    """The torch.autocast context of `amp` on `device` (disabled for fp32: the float32 computation as it is).
+
+    Without autocast's weight cache: each weight is used once per forward here, and the cache would keep a
+    reduced copy of every weight to the forward's end (evaluating R50 at 800x1066 in bf16: a peak 200 MiB above
+    fp32's instead of level with it)."""
     dtype = amp_dtype(amp)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not torch.float32)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not torch.float32,
+                          cache_enabled=False)
 
 
 def to_float32(tensor):
