@@ -206,9 +206,9 @@ def print_profile(run, iterations, rows, device):
     total = sum(event.self_cpu_time_total for event in events)
     print(f"profile of {iterations} iterations: {total / 1e3 / iterations:.1f} ms self CPU time per iteration; "
           "top operators by self CPU time:")
-    print(f"  {'operator':<44} {'ms/iter':>9} {'share':>6} {'calls/iter':>10}")
+    print(f"  {'operator':<58} {'ms/iter':>9} {'share':>6} {'calls/iter':>10}")
     for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
-        print(f"  {event.key[:44]:<44} {event.self_cpu_time_total / 1e3 / iterations:9.1f} "
+        print(f"  {event.key[:58]:<58} {event.self_cpu_time_total / 1e3 / iterations:9.1f} "
               f"{100 * event.self_cpu_time_total / total:5.1f}% {event.count / iterations:10.0f}")
     copies = {event.key: event for event in events if event.key in COPY_OPERATORS}
     calls = ", ".join(f"{name} {copies[name].count / iterations:.0f}" for name in COPY_OPERATORS if name in copies)
