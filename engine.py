@@ -10,6 +10,7 @@ import torch
 from datasets.coco_eval import CocoEvaluator
 from datasets.data_prefetcher import data_prefetcher
 from models.criterion import HybridCriterion, weighted_losses
+from util import amp as mixed_precision
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.metric_logger import MetricLogger, SmoothedValue
 from util.misc import get_rank, get_total_grad_norm, is_dist_avail_and_initialized, is_main_process, reduce_dict
@@ -108,9 +109,13 @@ def train_summary(logger):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0, use_wandb=False,
                     use_fp16=False, scaler=None, print_freq=10, start_iteration=0, logger=None, ema=None,
-                    after_iteration=None):
+                    after_iteration=None, amp=None):
     """One pass over data_loader, minimising the weighted sum of criterion's losses (build_model's
     HybridCriterion trains both query groups); returns the epoch's averaged metrics.
+
+    amp: "fp32", "bf16" or "fp16" (default: "fp16" with upstream's use_fp16, else "fp32"): the model's forward
+    runs under autocast, the losses in float32 on its outputs; `scaler` (a torch.amp.GradScaler, made here when
+    None) scales fp16 losses and skips the steps whose gradients overflow.
 
     A resumed epoch starts at start_iteration (data_loader yields the remaining batches) with the restored
     `logger` (train_logger()). `ema` (timm's ModelEmaV3) is updated after each step. after_iteration(iteration,
@@ -120,8 +125,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     criterion.train()
     logger = logger if logger is not None else train_logger()
     device = torch.device(device)
+    amp = amp or ("fp16" if use_fp16 else "fp32")
     if scaler is None:
-        scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+        scaler = mixed_precision.grad_scaler(device, amp)
     weight_dict = criterion.weight_dict
     iterations = len(data_loader)
     averaged = model.module if hasattr(model, "module") else model  # what the EMA follows (DDP unwrapped)
@@ -130,10 +136,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     samples, targets = prefetcher.next()
     for iteration in logger.log_every(range(start_iteration, iterations), print_freq, f"Epoch {epoch}",
                                       total=iterations, summary=train_summary):
-        with torch.autocast(device.type, enabled=use_fp16):
-            outputs = model(samples)
-            _check_outputs_finite(outputs, epoch, iteration)
-            loss_dict = criterion(outputs, targets)
+        outputs = mixed_precision.forward(model, samples, device, amp)  # in float32
+        _check_outputs_finite(outputs, epoch, iteration)
+        loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 
         reduced = reduce_dict(loss_dict)  # for logging, averaged over processes
@@ -180,12 +185,13 @@ def eval_summary(logger):
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir="", use_wandb=False,
-             print_freq=10, table=True, tta=None):
+             print_freq=10, table=True, tta=None, amp="fp32"):
     """COCO bbox evaluation (the model in eval mode runs its one-to-one queries alone); returns (stats, the
     CocoEvaluator); table=False leaves out the printed COCO table. The model's and criterion's train/eval modes are
-    restored afterwards. With `tta` (a models.tta.TestTimeAugmentation, data_loader's batches carrying datasets.tta
+    restored afterwards. With `tta` (a datasets.tta.TestTimeAugmentation, data_loader's batches carrying datasets.tta
     views) the detections of the batch's pass are merged with those of the other scales and flips; the losses stay
-    the batch's."""
+    the batch's. amp: the model runs under autocast in that precision (util.amp), the losses, post-processing and
+    TTA merging in float32 on its outputs."""
     model_training, criterion_training = model.training, criterion.training
     model.eval()
     criterion.eval()
@@ -197,7 +203,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         for samples, targets, *views in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):
             samples = samples.to(device)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            outputs = model(samples)
+            outputs = mixed_precision.forward(model, samples, device, amp)  # in float32
             reduced = reduce_dict(criterion(outputs, targets))
             reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
             logger.update(loss=reduced_total, **reduced_scaled, **{f"{k}_unscaled": v for k, v in reduced.items()})
@@ -206,7 +212,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
             results = postprocessors["bbox"](outputs, orig_sizes)
             if tta is not None:
-                results = tta(model, samples, targets, results, views[0])
+                results = tta(model, samples, targets, results, views[0], amp)
             coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
     finally:
         model.train(model_training)
@@ -350,7 +356,7 @@ class TrainingRun:
         stats, coco_evaluator = evaluate(evaluated, self.criterion, self.postprocessors, self.loader_val,
                                          self.base_ds, self.device, self.args.output_dir,
                                          use_wandb=self.args.use_wandb, print_freq=self.args.print_freq,
-                                         table=False)
+                                         table=False, amp=mixed_precision.amp_mode(self.args))
         print_ap(stats)
         if self.output_dir is not None and self.main_process:
             (self.output_dir / "eval").mkdir(exist_ok=True)
@@ -400,7 +406,8 @@ class TrainingRun:
                 self.batch_sampler.set_epoch(epoch, start)
                 train_stats = train_one_epoch(
                     self.model, self.criterion, self.loader_train, self.optimizer, self.device, epoch,
-                    args.clip_max_norm, use_wandb=args.use_wandb, use_fp16=args.use_fp16, scaler=self.scaler,
+                    args.clip_max_norm, use_wandb=args.use_wandb, amp=mixed_precision.amp_mode(args),
+                    scaler=self.scaler,
                     print_freq=args.print_freq, start_iteration=start, logger=logger, ema=self.ema,
                     after_iteration=lambda i, log, scalars, e=epoch: self.after_iteration(e, i, log, scalars))
                 train_stats["time"] = time.time() - self.epoch_started  # log.txt's train_time

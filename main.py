@@ -11,6 +11,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import datasets.samplers as samplers
+import util.amp as mixed_precision
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS, dataset_root
@@ -48,7 +49,7 @@ def derived_settings(args):
     nothing changes them afterwards. Starts the process group of a distributed run."""
     check_args(args)
     args = argparse.Namespace(**vars(args))
-    args.amp = "fp16" if args.use_fp16 else args.amp
+    args.amp = mixed_precision.amp_mode(args)
     args.use_fp16 = args.amp == "fp16"  # upstream's name, read by upstream's scripts
     utils.init_distributed_mode(args)
     check_device(args)
@@ -122,6 +123,7 @@ def main(args):
     args = derived_settings(args)
     print(args)
     device = torch.device(args.device)
+    mixed_precision.warn_if_slow(device, args.amp, training=not args.eval)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
@@ -161,14 +163,14 @@ def main(args):
             print(tta)
         stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
                                          args.output_dir, use_wandb=args.use_wandb, print_freq=args.print_freq,
-                                         tta=tta)
+                                         tta=tta, amp=args.amp)
         print_ap(stats)
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
         return stats
 
     optimizer, scheduler = build_optimizer(args, model_without_ddp)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    scaler = mixed_precision.grad_scaler(device, args.amp)
     ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
     model = compile_model(model, device) if args.compile else model  # after the average's copy: it stays eager
     run = TrainingRun(args, model, criterion, postprocessors, optimizer, scheduler, scaler, batch_sampler,

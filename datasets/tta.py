@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torchvision.transforms.v2.functional as F
 
+from util import amp as mixed_precision
 from util.arguments import UPSTREAM_EVAL_SIZE, UPSTREAM_TTA_RANGES, UPSTREAM_TTA_SCALES
 from util.box_ops import hflip_boxes
 from util.misc import nested_tensor_from_tensor_list
@@ -126,27 +127,29 @@ class TestTimeAugmentation:
                 f"{voting}, at most {self.max_dets} per image")
         return "\n".join([head, *describe_scales(self.scales, self.eval_size, self.eval_max_size)])
 
-    def _detect(self, model, images, orig_sizes, flipped):
+    def _detect(self, model, images, orig_sizes, flipped, amp):
         """Top-k detections of a batch of input images [3, h, w] (padded together, as the evaluation's batch) in
-        original pixels, mirrored back when `flipped`."""
-        outputs = model(nested_tensor_from_tensor_list([image.flip(-1) if flipped else image for image in images]))
+        original pixels, mirrored back when `flipped`; the model runs in precision `amp`, the rest in float32."""
+        samples = nested_tensor_from_tensor_list([image.flip(-1) if flipped else image for image in images])
+        outputs = mixed_precision.forward(model, samples, samples.tensors.device, amp)
         results = self.postprocess(outputs, orig_sizes)
         if flipped:
             for result, orig_size in zip(results, orig_sizes):
                 result["boxes"] = hflip_boxes(result["boxes"], orig_size[1])
         return results
 
-    def __call__(self, model, samples, targets, results, views):
+    def __call__(self, model, samples, targets, results, views, amp="fp32"):
         """samples: the batch (NestedTensor) whose identity-pass `results` (PostProcess of the model's outputs) are
         given; targets: their "size" and "orig_size"; views: per image, the (uint8 image, TTAScale) list of
-        MultiScaleViews. Each further pass runs the batch's images together, as the identity pass.
+        MultiScaleViews; amp: the precision the model's passes run in (util.amp; their detections and the merging
+        are float32). Each further pass runs the batch's images together, as the identity pass.
         Returns the merged detections per image, on the CPU."""
         device = samples.tensors.device
         orig_sizes = torch.stack([t["orig_size"] for t in targets])  # [B, 2] (h, w)
         per_image = [[result] for result in results]
         if self.flip:
             identity = [image[:, :t["size"][0], :t["size"][1]] for image, t in zip(samples.tensors, targets)]
-            for detections, result in zip(per_image, self._detect(model, identity, orig_sizes, True)):
+            for detections, result in zip(per_image, self._detect(model, identity, orig_sizes, True, amp)):
                 detections.append(result)
         for scale_views in zip(*views):  # one scale, every image of the batch
             scale = scale_views[0][1]
@@ -155,7 +158,7 @@ class TestTimeAugmentation:
             to_view = torch.stack([torch.tensor([image.shape[2], image.shape[1]] * 2, device=device)
                                    for image in images]) / orig_sizes.flip(1).repeat(1, 2)  # [B, 4]
             for flipped in (False, True) if self.flip else (False,):
-                for detections, result, ratios in zip(per_image, self._detect(model, images, orig_sizes, flipped),
+                for detections, result, ratios in zip(per_image, self._detect(model, images, orig_sizes, flipped, amp),
                                                       to_view):
                     keep = in_size_range(result["boxes"] * ratios, scale.object_min, scale.object_max)
                     detections.append({k: v[keep] for k, v in result.items()})

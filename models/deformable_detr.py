@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util import box_ops
+from util.amp import to_float32
 from util.box_ops import refine_boxes
 from util.misc import NestedTensor, downsample_mask, nested_tensor_from_tensor_list
 
@@ -202,8 +203,8 @@ class PostProcess(nn.Module):
 
     def top_detections(self, outputs, target_sizes):
         """The batched computation of forward (also what an ONNX export runs): scores [B, k], labels [B, k] and
-        boxes [B, k, 4] (absolute xyxy)."""
-        out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
+        boxes [B, k, 4] (absolute xyxy), in float32 for outputs of a model run under autocast too."""
+        out_logits, out_bbox = to_float32(outputs["pred_logits"]), to_float32(outputs["pred_boxes"])
         # shapes, not len(): len() would fix the batch size of an exported graph
         if target_sizes.dim() != 2 or target_sizes.shape[0] != out_logits.shape[0] or target_sizes.shape[1] != 2:
             raise ValueError(f"PostProcess: target_sizes must be [{out_logits.shape[0]}, 2], got "

@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.ops.functions.ms_deform_attn_func import spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
+from util.amp import float32_call, to_float32
 from util.box_ops import refine_boxes
 
 from .attention import query_self_attention
@@ -288,8 +289,10 @@ class DeformableTransformer(nn.Module):
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         spatial_shapes = spatial_shapes_tensor(shapes, srcs[0].device)  # [L, 2]
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), spatial_shapes,
-                level_start_index, tuple(shapes))
+        src_flatten = torch.cat(src_flatten, 1)
+        # under autocast: the positions in the maps' reduced dtype once, not cast again by every layer's use
+        pos_flatten = torch.cat(pos_flatten, 1).to(src_flatten.dtype)
+        return src_flatten, torch.cat(mask_flatten, 1), pos_flatten, spatial_shapes, level_start_index, tuple(shapes)
 
     @staticmethod
     def select_proposals(scores, k):
@@ -300,9 +303,12 @@ class DeformableTransformer(nn.Module):
         """Pick the num_queries top-scoring encoder proposals as the decoder's reference boxes and query positions."""
         batch, num_tokens, channels = memory.shape
         output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, level_sizes)
-        # the extra (last) class and box heads score and regress the proposals
-        enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
-        enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
+        # the extra (last) class and box heads score and regress the proposals; the scores in float32 (under
+        # autocast too), since their top-k picks the queries
+        enc_outputs_class = float32_call(self.decoder.class_embed[self.decoder.num_layers], output_memory)
+        # float32 (under autocast too): the proposals' logits, their selection and sine embedding
+        enc_outputs_coord_unact = (to_float32(self.decoder.bbox_embed[self.decoder.num_layers](output_memory))
+                                   + output_proposals)
 
         k = num_queries
         if k > num_tokens:
@@ -321,7 +327,6 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(pos_trans_out, channels, dim=2)
         return tgt, query_pos, reference_points, enc_outputs_class, enc_outputs_coord_unact
 
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(self, srcs, masks, pos_embeds, query_embed=None, query_groups=None, num_queries=None):
         """srcs/masks/pos_embeds: per level [B, C, H, W] / [B, H, W] / [B, C, H, W]; query_embed [Q, 2C] (one-stage)
         or [Q, C] (mixed selection); query_groups: sizes of the query groups that attend only within themselves
@@ -330,6 +335,8 @@ class DeformableTransformer(nn.Module):
         Returns (decoder outputs D x [B, Q, C], initial references [B, Q, 2|4], per-layer references
         D x [B, Q, 2|4], encoder class logits [B, S, K] and unactivated boxes [B, S, 4] (two-stage, else None),
         the decoder's box-head outputs per layer (D x [B, Q, 4]; with box refinement, else None)).
+        Under autocast (any device) the layers run in its dtype; the reference points, box refinement and two-stage
+        proposals stay float32.
         """
         src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, level_sizes = \
             self._flatten_levels(srcs, masks, pos_embeds)
@@ -347,8 +354,10 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, channels, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            reference_points = float32_call(self.reference_points, query_pos).sigmoid()
         init_reference = reference_points
+        # the decoder's inputs in the encoder output's dtype (autocast's) once, not cast again by every layer
+        tgt, query_pos = tgt.to(memory.dtype), query_pos.to(memory.dtype)
 
         hs, inter_references, box_deltas = self.decoder(tgt, reference_points, memory, spatial_shapes,
                                                         level_start_index, level_sizes, valid_ratios, query_pos,

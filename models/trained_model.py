@@ -1,6 +1,7 @@
 """The model of a trained checkpoint, rebuilt as tools/infer.py, export_onnx.py and benchmark_onnx.py run it."""
 import torch
 
+from util.amp import amp_mode
 from util.arguments import check_device, get_args_parser
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
 from util.config_script import main_arguments
@@ -12,17 +13,21 @@ def trained_model(flags, config=None, device=None):
     """(model in eval mode on its device, its postprocessors, its main.py arguments) of the --resume in `flags`.
 
     The model is built from the arguments saved in the checkpoint (else from the config script `config`),
-    overridden by `flags`; `device` replaces --device (and turns off --use_fp16, which needs CUDA). A checkpoint with
-    a weight average (--model_ema) gives the average, as evaluation does. The arguments are this tool's own
-    Namespace (parsed here from `flags`), set up before anything is built from them.
+    overridden by `flags`; `device` replaces --device. The precision (--amp / --use_fp16) is the one `flags` ask for
+    (fp32 by default), never the checkpoint's training precision. A checkpoint with a weight average (--model_ema)
+    gives the average, as evaluation does. The arguments are this tool's own Namespace (parsed here from `flags`),
+    set up before anything is built from them.
     """
-    resume = get_args_parser().parse_known_args(flags)[0].resume
+    given = get_args_parser().parse_known_args(flags)[0]
+    resume = given.resume
     if not resume:
         raise ValueError("pass the trained model with --resume <checkpoint>")
     checkpoint = load_checkpoint(resume)
     model_args = main_arguments(get_args_parser(), flags, config, checkpoint.get("args"))
+    model_args.amp = amp_mode(given)
+    model_args.use_fp16 = model_args.amp == "fp16"
     if device is not None:
-        model_args.device, model_args.use_fp16 = device, False
+        model_args.device = device
     check_device(model_args)
     model, _, postprocessors = build_model(model_args)
     weights, averaged = evaluation_weights(checkpoint)

@@ -38,7 +38,7 @@ def test_random_image_of_a_given_size(capsys):
     fps = TOOL["main"](["--image_size", "96", "112", "--num_iters", "3", "--warm_iters", "1", "--batch_size", "2",
                         *FLAGS])
     out = capsys.readouterr().out
-    assert fps > 0 and "input 2 x (3, 96, 112) on cpu, 2 timed passes" in out
+    assert fps > 0 and "input 2 x (3, 96, 112) on cpu, 1 threads, fp32, 2 timed passes" in out
     assert f"Inference Speed: {fps:.1f} FPS" in out
 
 
@@ -115,7 +115,7 @@ def test_training_mode_times_forward_loss_and_backward(capsys):
                          "--warm_iters", "1", "--threads", "1", *FLAGS])
     out = capsys.readouterr().out
     assert step > 0
-    assert "training step, batch 2 (64x80, 72x64) on cpu, 1 threads, median of 2 timed steps: forward" in out
+    assert "training step, batch 2 (64x80, 72x64) on cpu, 1 threads, fp32, median of 2 timed steps: forward" in out
     for part in ("loss", "backward", "step", "peak memory"):
         assert f" {part} " in out
 
@@ -127,7 +127,7 @@ def test_measure_training_computes_gradients_and_leaves_the_weights():
     backward = []
     model.class_embed[0].weight.register_hook(lambda grad: backward.append(grad.abs().sum().item()))
     times, peak = TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 3, 1)
-    assert {k: len(v) for k, v in times.items()} == {"forward": 2, "loss": 2, "backward": 2}
+    assert {k: len(v) for k, v in times.items()} == {"forward": 2, "loss": 2, "backward": 2, "cpu": 2}
     assert all(t > 0 for v in times.values() for t in v) and peak > 2 ** 20
     assert len(backward) == 3 and all(g > 0 for g in backward)  # one backward per step, reaching the heads
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
@@ -142,3 +142,48 @@ def test_training_mode_on_the_first_training_images(tmp_path, capsys):
     assert re.search(r"training step, batch 2 \(\d+x\d+(, \d+x\d+)?\) on cpu", capsys.readouterr().out)
     with pytest.raises(ValueError, match="--batch_size 4 needs at least that many train images"):
         TOOL["main"](["--train", "--batch_size", "4", "--num_iters", "2", "--warm_iters", "1", *flags])
+
+
+# --------------------------------------------------------------------------- mixed precision (--amp)
+
+
+def test_amp_runs_the_model_under_autocast_and_the_header_names_the_cpu(capsys, monkeypatch):
+    seen = []
+    build_model = TOOL["main"].__globals__["build_model"]
+
+    def recording(args):
+        model, criterion, post = build_model(args)
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.get_autocast_dtype("cpu")
+                                                               if torch.is_autocast_enabled("cpu") else None))
+        return model, criterion, post
+
+    monkeypatch.setitem(TOOL["main"].__globals__, "build_model", recording)
+    step = TOOL["main"](["--train", "--image_size", "64", "80", "--image_size", "72", "64", "--num_iters", "2",
+                         "--warm_iters", "1", "--amp", "bf16", "--profile", "1", "--profile_rows", "3", *FLAGS])
+    out = capsys.readouterr().out
+    assert step > 0 and seen == [torch.bfloat16] * 3  # 2 timed steps and 1 profiled, all under bf16 autocast
+    assert re.match(r"benchmark: training step in bf16 on cpu; CPU capability \S+: bf16 (native|emulated \(slow\)), "
+                    r"fp16 (native|emulated \(slow\))\n", out)
+    assert "training step, batch 2 (64x80, 72x64) on cpu, 1 threads, bf16, median of 1 timed steps" in out
+    table = out[out.index("top operators by self CPU time"):].splitlines()
+    assert len(table) == 1 + 1 + 3 + 1 and re.match(r"  aten::\S+ +\d+\.\d +\d+\.\d% +\d+$", table[2])
+    assert re.match(r"casts and copies per iteration: aten::copy_ \d+, .*calls; \d+\.\d% of the self CPU time$",
+                    table[-1])
+
+    seen.clear()
+    TOOL["main"](["--image_size", "64", "80", "--num_iters", "2", "--warm_iters", "1", "--use_fp16", *FLAGS])
+    out = capsys.readouterr().out
+    assert seen == [torch.float16] * 2 and "input 1 x (3, 64, 80) on cpu, 1 threads, fp16, 1 timed passes" in out
+    assert "peak memory" in out
+
+
+def test_the_fp16_training_step_scales_the_loss():
+    model, criterion, _, _ = build(FLAGS)
+    model.backbone.requires_grad_(False)  # fp16 convolution weight gradients have no fast CPU kernel
+    images, targets = TOOL["random_batch"]([(64, 80), (80, 64)], 2, 3, 91, torch.device("cpu"))
+    grads = []
+    model.class_embed[0].weight.register_hook(lambda grad: grads.append(grad.abs().sum().item()))
+    TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 1, 0, "fp32")
+    TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 1, 0, "fp16")
+    # the gradient reaching the weights is the scaled loss's: 2^16 times fp32's, within fp16 rounding
+    assert grads[1] == pytest.approx(2.0 ** 16 * grads[0], rel=0.05)

@@ -3,7 +3,7 @@
 
     python tools/benchmark.py [--num_iters 300] [--warm_iters 5] [--batch_size 1] [--resume CKPT]
                               [--image_size H W [--image_size H W ...]] [--threads N] [--config configs/...sh]
-                              [--train [--boxes 10]] [main.py flags]
+                              [--train [--boxes 10]] [--amp fp32|bf16|fp16] [--profile N] [main.py flags]
 
 Inference times the model in eval mode (one-to-one queries) on the first validation image of --coco_path (as
 upstream's benchmark.py), or with --image_size a random image of that size, which needs no dataset. Upstream's
@@ -13,7 +13,12 @@ script timed all queries, one-to-many included; evaluation uses only the one-to-
 peak memory (CUDA: allocated by torch; CPU: the process's resident set) during the timed steps. The batch is
 the first --batch_size training images with their boxes, or random images of the --image_size sizes (image i of
 the batch takes the i-th size, cycling) with --boxes random boxes each. Other arguments are main.py's (--device,
---use_fp16, model flags); --threads sets torch's CPU threads.
+--amp / --use_fp16, model flags); --threads sets torch's CPU threads (the process CPU time printed beside the
+times is the fairer figure on a CPU shared with other work, at 1 thread). --amp bf16|fp16 runs the model under
+autocast as training and evaluation do (util.amp: losses in float32, fp16's loss scaled). --profile N then runs N more
+iterations under torch.profiler and prints the operators taking the most CPU time (self time) and how much of it
+went to casts and copies (aten::copy_, aten::to). The first line names the CPU capability and whether bf16 and fp16
+are native on this CPU.
 """
 import argparse
 import resource
@@ -30,6 +35,7 @@ from datasets import build_dataset  # noqa: E402
 from main import num_classes_of  # noqa: E402
 from models import build_model  # noqa: E402
 from models.criterion import weighted_losses  # noqa: E402
+from util import amp as mixed_precision  # noqa: E402
 from util.arguments import check_args, check_device, get_args_parser  # noqa: E402
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
@@ -54,6 +60,10 @@ def benchmark_args_parser():
                         help="time training steps (forward, losses, backward) and their peak memory")
     parser.add_argument("--boxes", type=int, default=10, help="random boxes per random image with --train")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timing, profile N more iterations (torch.profiler) and print the top "
+                             "operators by self CPU time, with the share of casts and copies")
+    parser.add_argument("--profile_rows", type=int, default=15, help="operators listed by --profile")
     return parser
 
 
@@ -63,21 +73,23 @@ def _synchronize(device):
 
 
 @torch.no_grad()
-def measure(model, inputs, device, num_iters, warm_iters, use_fp16=False):
-    """Seconds per forward pass of each timed iteration (after warm_iters), in eval mode (one-to-one queries);
-    the model's train/eval mode is restored afterwards."""
+def measure(model, inputs, device, num_iters, warm_iters, amp="fp32", cpu_times=None):
+    """Seconds per forward pass of each timed iteration (after warm_iters), in eval mode (one-to-one queries),
+    in precision `amp` (util.amp, as evaluation runs it); the model's train/eval mode is restored afterwards.
+    `cpu_times` (a list) receives the process CPU seconds of each timed pass."""
     times = []
     training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, enabled=use_fp16):
-            for i in range(num_iters):
-                _synchronize(device)
-                start = time.perf_counter()
-                model(inputs)
-                _synchronize(device)
-                if i >= warm_iters:
-                    times.append(time.perf_counter() - start)
+        for i in range(num_iters):
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            mixed_precision.forward(model, inputs, device, amp)
+            _synchronize(device)
+            if i >= warm_iters:
+                times.append(time.perf_counter() - start)
+                if cpu_times is not None:
+                    cpu_times.append(time.process_time() - cpu_start)
     finally:
         model.train(training)
     return times
@@ -111,27 +123,28 @@ class PeakMemory:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_training(model, criterion, images, targets, device, num_iters, warm_iters, use_fp16=False):
-    """Seconds of forward, losses and backward of each timed training step (after warm_iters), and the peak
-    memory in bytes of the timed steps. Gradients are computed (and dropped); the parameters never change (the
-    BatchNorm statistics of a backbone trained from scratch do, as in any training-mode forward)."""
+def measure_training(model, criterion, images, targets, device, num_iters, warm_iters, amp="fp32"):
+    """Seconds of forward, losses and backward of each timed training step (after warm_iters) in precision `amp`
+    (as engine.train_one_epoch: the forward under autocast, the losses in float32, fp16's loss scaled), with the
+    process CPU seconds of each step ("cpu"), and the peak memory in bytes of the timed steps. Gradients are
+    computed (and dropped); the parameters never change (the BatchNorm statistics of a backbone trained from
+    scratch do, as in any training-mode forward)."""
     model.train()
     criterion.train()
-    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    scaler = mixed_precision.grad_scaler(device, amp)
     samples = nested_tensor_from_tensor_list(images)
-    times = {"forward": [], "loss": [], "backward": []}
+    times = {"forward": [], "loss": [], "backward": [], "cpu": []}
     peak = PeakMemory(device)
     for i in range(num_iters):
         if i == warm_iters:
             peak.reset()
         model.zero_grad(set_to_none=True)
         _synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, enabled=use_fp16):
-            outputs = model(samples)
-            _synchronize(device)
-            forward_done = time.perf_counter()
-            total = weighted_losses(criterion(outputs, targets), criterion.weight_dict)[1]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outputs = mixed_precision.forward(model, samples, device, amp)
+        _synchronize(device)
+        forward_done = time.perf_counter()
+        total = weighted_losses(criterion(outputs, targets), criterion.weight_dict)[1]
         _synchronize(device)
         loss_done = time.perf_counter()
         scaler.scale(total).backward()
@@ -142,6 +155,7 @@ def measure_training(model, criterion, images, targets, device, num_iters, warm_
             times["forward"].append(forward_done - start)
             times["loss"].append(loss_done - forward_done)
             times["backward"].append(backward_done - loss_done)
+            times["cpu"].append(time.process_time() - cpu_start)
     model.zero_grad(set_to_none=True)
     return times, peak.read()
 
@@ -174,6 +188,34 @@ def _ms(seconds):
     return f"{1000 * statistics.median(seconds):.1f}"
 
 
+# what a cast or a layout change costs: the copy kernel (aten::to / aten::_to_copy hand their work to it)
+COPY_OPERATORS = ("aten::copy_", "aten::to", "aten::_to_copy")
+
+
+def print_profile(run, iterations, rows, device):
+    """Profile `iterations` calls of run() (torch.profiler); print the `rows` operators with the most self CPU
+    time per iteration, and the calls and share of the copy operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iterations):
+            run()
+        _synchronize(device)
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    print(f"profile of {iterations} iterations: {total / 1e3 / iterations:.1f} ms self CPU time per iteration; "
+          "top operators by self CPU time:")
+    print(f"  {'operator':<58} {'ms/iter':>9} {'share':>6} {'calls/iter':>10}")
+    for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
+        print(f"  {event.key[:58]:<58} {event.self_cpu_time_total / 1e3 / iterations:9.1f} "
+              f"{100 * event.self_cpu_time_total / total:5.1f}% {event.count / iterations:10.0f}")
+    copies = {event.key: event for event in events if event.key in COPY_OPERATORS}
+    calls = ", ".join(f"{name} {copies[name].count / iterations:.0f}" for name in COPY_OPERATORS if name in copies)
+    share = sum(event.self_cpu_time_total for event in copies.values()) / max(total, 1)
+    print(f"casts and copies per iteration: {calls or 'none'} calls; {100 * share:.1f}% of the self CPU time")
+
+
 def main(argv=None):
     args, rest = benchmark_args_parser().parse_known_args(argv)
     if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
@@ -189,10 +231,17 @@ def main(argv=None):
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.profile < 0 or args.profile_rows <= 0:
+        raise ValueError(f"need --profile >= 0 and --profile_rows > 0, got {args.profile} and {args.profile_rows}")
     model_args = main_arguments(get_args_parser(), rest, args.config)
     check_args(model_args)
     check_device(model_args)
     device = torch.device(model_args.device)
+    amp = mixed_precision.amp_mode(model_args)
+    print(f"benchmark: {'training step' if args.train else 'inference'} in {amp} on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f"; {mixed_precision.cpu_precision_summary()}", flush=True)
+    mixed_precision.warn_if_slow(device, amp, training=args.train)
 
     model_args.eval = not args.train  # the class count comes from the annotation file of that split
     model_args.eval_in_training_set = False
@@ -213,21 +262,32 @@ def main(argv=None):
     where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
 
     if args.train:
-        times, peak = measure_training(model, criterion.to(device), images, targets, device, args.num_iters,
-                                       args.warm_iters, model_args.use_fp16)
+        criterion.to(device)
+        times, peak = measure_training(model, criterion, images, targets, device, args.num_iters, args.warm_iters,
+                                       amp)
         steps = [f + lo + b for f, lo, b in zip(times["forward"], times["loss"], times["backward"])]
-        print(f"training step, batch {batch_size} ({shapes}) on {where}, median of {len(steps)} timed steps: "
+        print(f"training step, batch {batch_size} ({shapes}) on {where}, {amp}, median of {len(steps)} timed steps: "
               f"forward {_ms(times['forward'])} ms, loss {_ms(times['loss'])} ms, backward "
-              f"{_ms(times['backward'])} ms, step {_ms(steps)} ms; peak memory {peak / 2 ** 20:.0f} MiB")
+              f"{_ms(times['backward'])} ms, step {_ms(steps)} ms (process CPU time {_ms(times['cpu'])} ms); "
+              f"peak memory {peak / 2 ** 20:.0f} MiB")
+        if args.profile:
+            print_profile(lambda: measure_training(model, criterion, images, targets, device, 1, 0, amp),
+                          args.profile, args.profile_rows, device)
         return statistics.median(steps)
 
     inputs = nested_tensor_from_tensor_list(images)
-    times = measure(model, inputs, device, args.num_iters, args.warm_iters, model_args.use_fp16)
+    peak = PeakMemory(device)
+    peak.reset()
+    cpu_times = []
+    times = measure(model, inputs, device, args.num_iters, args.warm_iters, amp, cpu_times)
     mean = statistics.fmean(times)
-    print(f"input {batch_size} x {tuple(images[0].shape)} on {device}, {len(times)} timed passes: "
-          f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms)")
+    print(f"input {batch_size} x {tuple(images[0].shape)} on {where}, {amp}, {len(times)} timed passes: "
+          f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms, process CPU time "
+          f"{_ms(cpu_times)} ms); peak memory {peak.read() / 2 ** 20:.0f} MiB")
     fps = batch_size / mean
     print(f"Inference Speed: {fps:.1f} FPS")
+    if args.profile:
+        print_profile(lambda: measure(model, inputs, device, 1, 0, amp), args.profile, args.profile_rows, device)
     return fps
 
 

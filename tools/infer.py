@@ -7,7 +7,8 @@
 
 The model is built from the arguments saved in the checkpoint (else from --config), overridden by main.py flags
 given here (e.g. --device cpu), and run as evaluation runs it: one-to-one queries, the validation resize
-(--val_scale / --max_size), or with --tta the multi-scale test of `main.py --eval --tta` (same flags, same code).
+(--val_scale / --max_size), or with --tta the multi-scale test of `main.py --eval --tta` (same flags, same code), in
+float32 or with --amp bf16|fp16 under autocast (the checkpoint's training precision does not carry over).
 Boxes are in the pixels of each original image. Category names come from the annotation file under --coco_path
 when there is one. An image that cannot be read is reported and skipped.
 
@@ -89,6 +90,7 @@ def checkpoint_detector(args, rest):
     from datasets.transforms import make_coco_transforms
     from datasets.tta import MultiScaleViews, TestTimeAugmentation
     from models.trained_model import trained_model
+    from util import amp as mixed_precision
     from util.arguments import tta_problems
     from util.misc import nested_tensor_from_tensor_list
 
@@ -97,6 +99,7 @@ def checkpoint_detector(args, rest):
     if problems:
         raise ValueError("bad flag values: " + "; ".join(problems))
     device = torch.device(model_args.device)
+    mixed_precision.warn_if_slow(device, model_args.amp)
     transform = make_coco_transforms("val", **transform_options(model_args))
     tta = TestTimeAugmentation.from_args(model_args, postprocessors["bbox"]) if model_args.tta else None
     if tta is not None:
@@ -108,12 +111,13 @@ def checkpoint_detector(args, rest):
         tensor, target = transform(image, {})
         tensor, views = tensor if tta is not None else (tensor, None)
         samples = nested_tensor_from_tensor_list([tensor.to(device)])
-        outputs = model(samples)  # eval mode: the one-to-one queries
+        # eval mode (the one-to-one queries), in the --amp precision as evaluation runs it
+        outputs = mixed_precision.forward(model, samples, device, model_args.amp)
         orig_size = torch.tensor([image.height, image.width], device=device)
         result = postprocessors["bbox"](outputs, orig_size[None])[0]
         if tta is not None:
             target = {"size": target["size"].to(device), "orig_size": orig_size}
-            result = tta(model, samples, [target], [result], [views])[0]
+            result = tta(model, samples, [target], [result], [views], model_args.amp)[0]
         return result["scores"].cpu(), result["labels"].cpu(), result["boxes"].cpu()
 
     return detect, category_names(model_args.coco_path)

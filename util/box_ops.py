@@ -1,6 +1,7 @@
 """Bounding-box conversions and mirroring, (generalized) IoU on [N, 4] tensors, and the box-refinement step."""
 import torch
 
+from util.amp import to_float32
 from util.misc import inverse_sigmoid
 
 
@@ -67,8 +68,10 @@ def refine_boxes(delta, reference):
     """One step of iterative box refinement: sigmoid(delta + logit(reference)), boxes [..., 4] in [0, 1].
 
     delta [..., 4] is a box head's output; reference [..., 4] are boxes (cx, cy, w, h), or [..., 2] points, whose
-    refinement takes the head's (w, h) as they are.
+    refinement takes the head's (w, h) as they are. Computed in float32 when either comes in bfloat16/float16
+    (a head under autocast): the logit of a box near 0 or 1 needs float32's precision.
     """
+    delta, reference = to_float32(delta), to_float32(reference)
     if reference.shape[-1] == 4:
         return (delta + inverse_sigmoid(reference)).sigmoid()
     if reference.shape[-1] != 2:
