@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util import box_ops
-from util.amp import to_float32
+from util.amp import float32_call, to_float32
 from util.box_ops import refine_boxes
 from util.misc import NestedTensor, downsample_mask, nested_tensor_from_tensor_list
 
@@ -157,7 +157,7 @@ class DeformableDETR(nn.Module):
             reference = init_reference if level == 0 else inter_references[level - 1]
             outputs_class = self.class_embed[level](hs[level])  # [B, Q, K]
             # with box refinement the decoder has applied this layer's box head already: the same deltas
-            delta = self.bbox_embed[level](hs[level]) if box_deltas is None else box_deltas[level]
+            delta = float32_call(self.bbox_embed[level], hs[level]) if box_deltas is None else box_deltas[level]
             outputs_coord = refine_boxes(delta, reference)  # [B, Q, 4]
             class_one2one, class_one2many = outputs_class.split(group_sizes, 1)  # [B, Q1 | Q2, K]
             coord_one2one, coord_one2many = outputs_coord.split(group_sizes, 1)  # [B, Q1 | Q2, 4]

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.ops.functions.ms_deform_attn_func import spatial_shapes_tensor
 from models.ops.modules import MSDeformAttn
-from util.amp import float32_call, to_float32
+from util.amp import float32_call
 from util.box_ops import refine_boxes
 
 from .attention import query_self_attention
@@ -168,7 +168,7 @@ class DeformableTransformerDecoder(nn.Module):
 
             refined = reference_points
             if self.bbox_embed is not None:
-                box_deltas.append(self.bbox_embed[lid](output))
+                box_deltas.append(float32_call(self.bbox_embed[lid], output))
                 refined = refine_boxes(box_deltas[-1], reference_points)
                 reference_points = refined.detach()
 
@@ -307,7 +307,7 @@ class DeformableTransformer(nn.Module):
         # autocast too), since their top-k picks the queries
         enc_outputs_class = float32_call(self.decoder.class_embed[self.decoder.num_layers], output_memory)
         # float32 (under autocast too): the proposals' logits, their selection and sine embedding
-        enc_outputs_coord_unact = (to_float32(self.decoder.bbox_embed[self.decoder.num_layers](output_memory))
+        enc_outputs_coord_unact = (float32_call(self.decoder.bbox_embed[self.decoder.num_layers], output_memory)
                                    + output_proposals)
 
         k = num_queries
