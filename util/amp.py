@@ -66,7 +66,8 @@ def float32_outputs(outputs):
 
 def float32_call(module, x):
     """module(x), in float32 when autocast is on for x's device (x cast, autocast off around the call): for the
-    small layers whose outputs are compared or selected (two-stage proposal scores, one-stage reference points)."""
+    small layers whose outputs are compared or selected (two-stage proposal scores, one-stage reference points)
+    or fix the boxes (the box heads)."""
     if not torch.is_autocast_enabled(x.device.type):
         return module(x)
     with torch.autocast(x.device.type, enabled=False):
