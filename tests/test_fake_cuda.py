@@ -125,14 +125,18 @@ CASES = [pytest.param(backbone, precision, path, id=f"{backbone}-{precision}-{pa
          for path in ("default", "pytorch_path") for backbone in BACKBONES for precision in PRECISIONS]
 
 
+def prepare_case(monkeypatch, path, precision):
+    """Force the PyTorch path when asked; return (the list that records compiled-op calls, autocast dtype)."""
+    if path == "pytorch_path":
+        force_pytorch_path(monkeypatch)
+    return counting_compiled_op(monkeypatch), PRECISIONS[precision]
+
+
 @pytest.mark.parametrize("backbone,precision,path", CASES)
 def test_training_step_on_fake_cuda(models_without_data, stand_ins, monkeypatch, backbone, precision, path):
     meta_model, meta_criterion, _, args = models_without_data[backbone]
-    if path == "pytorch_path":
-        force_pytorch_path(monkeypatch)
-    op_calls = counting_compiled_op(monkeypatch)
+    op_calls, dtype = prepare_case(monkeypatch, path, precision)
     reads = stand_ins
-    dtype = PRECISIONS[precision]
     with fake_cuda(monkeypatch):
         model, criterion = to_fake_cuda(meta_model).train(), to_fake_cuda(meta_criterion)
         optimizer = build_optimizer(args, model)[0]
@@ -159,11 +163,8 @@ def test_training_step_on_fake_cuda(models_without_data, stand_ins, monkeypatch,
 @pytest.mark.parametrize("backbone,precision,path", CASES)
 def test_evaluation_with_tta_on_fake_cuda(models_without_data, stand_ins, monkeypatch, backbone, precision, path):
     meta_model, meta_criterion, postprocessors, args = models_without_data[backbone]
-    if path == "pytorch_path":
-        force_pytorch_path(monkeypatch)
-    op_calls = counting_compiled_op(monkeypatch)
+    op_calls, dtype = prepare_case(monkeypatch, path, precision)
     reads = stand_ins
-    dtype = PRECISIONS[precision]
     post = postprocessors["bbox"]
     tta = TestTimeAugmentation(post, flip=True, max_dets=50,
                                scales=[TTAScale(48, 80, 0, 64), TTAScale(96, 144, 16, math.inf)])
