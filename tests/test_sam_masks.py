@@ -18,7 +18,7 @@ from datasets.synthetic import make_synthetic_coco
 from util.amp import native_on_cpu
 from util.checkpoint import save_checkpoint
 from util.progress import Progress
-from util.sam import SAM_CHECKPOINTS, box_masks, boxes_to_sam_frame, build_sam_predictor, check_sam_arguments
+from util.sam import SAM_CHECKPOINTS, box_masks, build_sam_predictor, check_sam_arguments
 
 TOOL = runpy.run_path(str(ROOT / "tools" / "sam_masks.py"))
 INFER = runpy.run_path(str(ROOT / "tools" / "infer.py"))
@@ -30,17 +30,29 @@ DETECTOR = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretraine
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
+def frame_scale(height, width, long_side):
+    """(x, y) scale factors from an image's pixels to SAM's input frame: the image resized so that its longer side
+    is `long_side`, sides rounded to whole pixels (as segment_anything's ResizeLongestSide)."""
+    scale = long_side / max(height, width)
+    return int(width * scale + 0.5) / width, int(height * scale + 0.5) / height
+
+
 class BoxFiller:
     """A stand-in for segment_anything.SamPredictor whose mask of a box is the box itself (the pixels whose centres
-    it holds), with predicted IoU `iou`. Like SAM it takes the boxes in the frame of the image resized to a longer
-    side of `long_side` (rounded as SAM's ResizeLongestSide) and answers in the original image's pixels; with
+    it holds), with predicted IoU `iou`. Like SAM, its transform takes boxes to the frame of the image resized to a
+    longer side of `long_side`, predict_torch takes them in that frame and answers in the image's pixels; with
     multimask_output, 3 masks: empty, the box, everything, of IoU 0.1, `iou`, 0.3."""
 
     def __init__(self, iou=1.0, long_side=1024):
-        self.transform = SimpleNamespace(target_length=long_side)
+        self.long_side = long_side
+        self.transform = SimpleNamespace(apply_boxes_torch=self.to_frame)
         self.device = torch.device("cpu")
         self.iou = iou
         self.embedded = []  # the shape of each image set
+
+    def to_frame(self, boxes, size):
+        sx, sy = frame_scale(*size, self.long_side)
+        return boxes * torch.tensor([sx, sy, sx, sy])
 
     def set_image(self, image):
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -49,8 +61,7 @@ class BoxFiller:
     def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True):
         assert point_coords is None and point_labels is None and mask_input is None
         height, width = self.embedded[-1][:2]
-        scale = self.transform.target_length / max(height, width)
-        sx, sy = int(width * scale + 0.5) / width, int(height * scale + 0.5) / height
+        sx, sy = frame_scale(height, width, self.long_side)
         x0, y0, x1, y1 = (boxes / torch.tensor([sx, sy, sx, sy])).unbind(1)  # back to the image's pixels
         xs, ys = torch.arange(width) + 0.5, torch.arange(height) + 0.5
         inside = ((xs >= x0[:, None]) & (xs < x1[:, None]))[:, None, :] & \
@@ -236,13 +247,33 @@ def test_sam_vit_b_end_to_end_on_a_tiny_detector(synthetic, tmp_path):
 
 
 @needs_sam
-def test_box_frame_is_sams():
+def test_the_stand_ins_frame_is_sams():
+    """BoxFiller's frame is the one SamPredictor's transform gives, on images wider and taller than long."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     boxes = torch.tensor([[3.0, 4.5, 50.2, 77.0], [0.0, 0.0, 121.0, 63.0]])
-    for height, width in ((64, 121), (333, 97), (1024, 1024), (7, 2000)):
-        expected = ResizeLongestSide(1024).apply_boxes_torch(boxes, (height, width))
-        torch.testing.assert_close(boxes_to_sam_frame(boxes, height, width, 1024), expected)
+    for size in ((64, 121), (333, 97), (1024, 1024), (7, 2000)):
+        expected = ResizeLongestSide(1024).apply_boxes_torch(boxes, size)
+        torch.testing.assert_close(BoxFiller().to_frame(boxes, size), expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sam2") is None, reason="sam2 is not installed")
+def test_sam2_behind_the_same_interface():
+    """SAM 2.1 Hiera-T with random weights through box_masks: masks in the image's pixels, one per box."""
+    torch.manual_seed(0)
+    predictor = build_sam_predictor("sam2.1_hiera_t", "none", "cpu")
+    image = np.random.default_rng(0).integers(0, 255, (72, 100, 3), dtype=np.uint8)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 30.0], [0.0, 0.0, 100.0, 72.0], [50.0, 10.0, 90.0, 70.0]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = list(box_masks(predictor, image, boxes, batch_size=2, multimask=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert [tuple(m.shape) for m, _ in batches] == [(2, 72, 100), (1, 72, 100)]  # the best of 3 for each box
+    assert all(m.dtype == torch.bool and iou.dtype == torch.float32 for m, iou in batches)
+    frame = predictor.transform.apply_boxes_torch(boxes, (72, 100))
+    torch.testing.assert_close(frame[1], torch.tensor([0.0, 0.0, 1024.0, 1024.0]))  # SAM 2's square frame
 
 
 def test_empty_detection_list(rectangles, tmp_path):
@@ -344,13 +375,17 @@ def test_missing_segment_anything_is_one_line(rectangles, tmp_path, monkeypatch)
         runpy.run_path(str(ROOT / "tools" / "sam_masks.py"), run_name="__main__")
     message = str(info.value.code)
     assert message.startswith("sam_masks: ") and "segment-anything" in message and "\n" not in message
+    monkeypatch.setitem(sys.modules, "sam2", None)
+    monkeypatch.setitem(sys.modules, "sam2.build_sam", None)
+    with pytest.raises(ImportError, match="--sam_model sam2.1_hiera_t needs the sam2 package .*pip install --no-deps"):
+        run(["--detections", detections, "--coco_path", root, "--out", tmp_path / "o", "--sam_model", "sam2.1_hiera_t"])
 
 
 def test_missing_sam_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--sam_checkpoint .*missing.pth: no such file \(SAM vit_b's "
-                                                r"released weights: https://.*sam_vit_b_01ec64.pth"):
+    with pytest.raises(FileNotFoundError, match=r"--sam_checkpoint .*missing.pth: no such file \(the released "
+                                                r"weights of vit_b: https://.*sam_vit_b_01ec64.pth"):
         check_sam_arguments("vit_b", str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="--sam_model 'vit_x': choose one of vit_h, vit_l, vit_b"):
+    with pytest.raises(ValueError, match="--sam_model 'vit_x': choose one of vit_h, vit_l, vit_b, sam2.1_hiera_t"):
         check_sam_arguments("vit_x", "none")
     check_sam_arguments("vit_h", SAM_CHECKPOINTS["vit_h"])  # a URL is fetched when the model is built
 
@@ -362,14 +397,14 @@ def test_missing_sam_checkpoint_through_the_tool_and_a_wrong_one(rectangles, tmp
         run(["--detections", detections, "--coco_path", root, "--out", tmp_path / "o", "--sam_checkpoint",
              tmp_path / "nowhere.pth"])
     torch.save({"image_encoder.pos_embed": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="does not hold SAM vit_b's weights: .* tensors missing"):
+    with pytest.raises(ValueError, match="does not hold the weights of vit_b: .* tensors missing"):
         build_sam_predictor("vit_b", str(tmp_path / "other.pth"), "cpu")
 
 
 def test_box_masks_batches_and_skips_images_without_boxes():
     image = np.zeros((30, 50, 3), dtype=np.uint8)
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 50.0, 30.0], [1.0, 2.0, 3.0, 4.0]])
-    filler = BoxFiller(long_side=64)
+    filler = BoxFiller(long_side=64)  # a frame smaller than the image
     batches = list(box_masks(filler, image, boxes, batch_size=2))
     assert [len(iou) for _, iou in batches] == [2, 1] and len(filler.embedded) == 1
     masks = torch.cat([m for m, _ in batches])

@@ -4,8 +4,9 @@
     python tools/sam_masks.py --resume <checkpoint> [main.py flags] --coco_path data/coco --out masks/
     python tools/sam_masks.py --detections bbox.json --coco_path data/coco --out masks/
     python tools/sam_masks.py --resume <checkpoint> --images photos/ --out masks/
-        [--sam_model vit_h|vit_l|vit_b] [--sam_checkpoint FILE|URL|none] [--threshold 0] [--multimask]
-        [--no_sam_iou] [--sam_batch 32] [--amp fp32|bf16|fp16] [--device cuda|cpu] [--max_images N]
+        [--sam_model vit_h|vit_l|vit_b|sam2.1_hiera_t|_s|_b+|_l] [--sam_checkpoint FILE|URL|none]
+        [--threshold 0] [--multimask] [--no_sam_iou] [--sam_batch 32] [--amp fp32|bf16|fp16] [--device cuda|cpu]
+        [--max_images N]
 
 The boxes come from our detector (--resume, built and run as tools/infer.py runs it: evaluation's one-to-one
 queries, its top-k after post-processing) or from a detections json (COCO results, or tools/infer.py's
@@ -53,7 +54,9 @@ def sam_args_parser():
     source.add_argument("--threshold", type=float, default=0.0, help="lowest detection score prompted (default: "
                                                                      "all of the detector's top-k)")
     sam = parser.add_argument_group("SAM")
-    sam.add_argument("--sam_model", default="vit_h", choices=SAM_MODELS, help="image encoder size")
+    sam.add_argument("--sam_model", default="vit_h", choices=SAM_MODELS, help="SAM's image encoder (vit_*; the "
+                                                                           "segment-anything package) or SAM 2.1 "
+                                                                           "(sam2.1_*; the sam2 package)")
     sam.add_argument("--sam_checkpoint", default=None,
                      help=f"SAM weights, a file or URL (default: the released file of --sam_model, downloaded once "
                           f"into the checkpoint cache); '{NO_CHECKPOINT}': random weights, for tests and timing")
@@ -255,7 +258,7 @@ def main(argv=None, predictor=None):
     if predictor is None:  # the optional package and the weights' file, before anything slow
         from util.sam import check_sam_arguments, segment_anything
 
-        segment_anything()
+        segment_anything(args.sam_model)
         check_sam_arguments(args.sam_model, checkpoint)
     images = coco_images(args.coco_path, args.max_images) if args.coco_path else folder_images(args.images,
                                                                                                 args.max_images)
@@ -269,7 +272,7 @@ def main(argv=None, predictor=None):
     if predictor is None:
         mixed_precision.warn_if_slow(device, args.amp)
         if checkpoint == NO_CHECKPOINT:
-            print(f"warning: SAM {args.sam_model} with random weights (--sam_checkpoint {NO_CHECKPOINT}): the masks "
+            print(f"warning: {args.sam_model} with random weights (--sam_checkpoint {NO_CHECKPOINT}): the masks "
                   "mean nothing", file=sys.stderr)
         predictor = build_sam_predictor(args.sam_model, checkpoint, device)
     if detections is None:
