@@ -84,7 +84,7 @@ def write_rectangles(root, sizes=((80, 120), (104, 72), (90, 90)), seed=0):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / "val2017" / name)
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for _ in range(int(rng.integers(3, 6))):
-            w, h = (int(v) for v in rng.integers(8, 40, size=2))
+            w, h = (int(v) for v in rng.integers(8, 60, size=2))
             x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
             category = int(rng.integers(1, 3))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
@@ -105,7 +105,7 @@ def imperfect_detections(data, seed=0):
         if rng.random() < 0.2:
             continue  # missed
         x, y, w, h = ann["bbox"]
-        dx, dy, dw, dh = (int(v) for v in rng.integers(-3, 4, size=4))
+        dx, dy, dw, dh = (int(v) for v in rng.integers(-2, 3, size=4))
         category = ann["category_id"] if rng.random() > 0.15 else 3 - ann["category_id"]
         results.append({"image_id": ann["image_id"], "category_id": category,
                         "bbox": [max(x + dx, 0), max(y + dy, 0), max(w + dw, 1), max(h + dh, 1)],
