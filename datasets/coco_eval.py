@@ -1,4 +1,5 @@
-"""COCO box evaluation of detections gathered over the evaluation loop (and over processes)."""
+"""COCO evaluation: boxes gathered over the evaluation loop (and over processes), and finished COCO result lists
+(boxes or masks, e.g. tools/sam_masks.py's)."""
 import contextlib
 import copy
 import io
@@ -87,13 +88,49 @@ def predictions_to_coco_results(image_id, prediction):
     ]
 
 
+def masks_to_rle(masks):
+    """Boolean masks [N, H, W] (tensor or array) -> COCO's compressed RLE of each, {"size": [H, W], "counts": str},
+    ready for json (pycocotools.mask.encode)."""
+    masks = np.asarray(masks.cpu() if hasattr(masks, "cpu") else masks, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks_to_rle: expected masks [N, H, W], got shape {masks.shape}")
+    if not len(masks):
+        return []
+    # pycocotools takes [H, W, N] uint8 in column-major order
+    rles = pycocotools("mask").encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def _mask_area_and_box(result, image, index):
+    """(pixel area, xywh box) of a result's RLE segmentation; an RLE of another size than its image is an error."""
+    rle = result["segmentation"]
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        raise ValueError(f"result {index} (image {result['image_id']}): 'segmentation' is not an RLE "
+                         "{'size': [height, width], 'counts': ...}")
+    if list(rle["size"]) != [image.get("height"), image.get("width")]:
+        raise ValueError(f"result {index}: its mask is {rle['size'][0]} x {rle['size'][1]} (height x width) but "
+                         f"image {result['image_id']} is {image.get('height')} x {image.get('width')}")
+    mask_api = pycocotools("mask")
+    if isinstance(rle["counts"], str):
+        rle = {**rle, "counts": rle["counts"].encode()}
+    elif isinstance(rle["counts"], list):
+        rle = mask_api.frPyObjects(rle, *rle["size"])
+    return float(mask_api.area(rle)), mask_api.toBbox(rle).tolist()
+
+
 def load_detections(coco_gt, results):
-    """COCO object holding ``results`` as annotations; unlike ``COCO.loadRes`` it accepts an empty list."""
+    """COCO object holding ``results`` as annotations; unlike ``COCO.loadRes`` it accepts an empty list. A result
+    with an RLE ``segmentation`` (a mask) gets the mask's area and, when it has none, the mask's box, as
+    ``COCO.loadRes`` gives them; a box result gets its box's area."""
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"detections for image ids absent from the ground truth: {sorted(unknown)[:10]}")
     annotations = []
     for ann_id, result in enumerate(results, start=1):
+        if "segmentation" in result:
+            area, box = _mask_area_and_box(result, coco_gt.imgs[result["image_id"]], ann_id - 1)
+            annotations.append({"bbox": box, **result, "id": ann_id, "area": area, "iscrowd": 0})
+            continue
         x, y, w, h = result["bbox"]
         annotations.append({**result, "id": ann_id, "area": w * h, "iscrowd": 0})
     coco_dt = pycocotools("coco").COCO()
@@ -105,6 +142,30 @@ def load_detections(coco_gt, results):
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt.createIndex()
     return coco_dt
+
+
+def run_cocoeval(coco_eval, coco_dt, image_ids):
+    """Match ``coco_dt``'s detections of ``image_ids`` to the ground truth and accumulate (COCOeval's prints
+    silenced)."""
+    coco_eval.cocoDt = coco_dt
+    coco_eval.params.imgIds = list(image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+
+
+def evaluate_results(coco_gt, results, iou_type, image_ids, max_dets=COCO_MAX_DETS[-1]):
+    """COCO's summary of finished result dicts (``iou_type`` "bbox": their boxes, "segm": their RLE masks) over
+    ``image_ids``; ``max_dets`` above 100 raises maxDets as --topk does. Returns (stats float64 [12], the table's
+    lines)."""
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"unknown iou type {iou_type!r}: 'bbox' or 'segm'")
+    coco_gt = copy.deepcopy(coco_gt)  # COCOeval annotates ground-truth dicts in place
+    coco_eval = pycocotools("cocoeval").COCOeval(coco_gt, iouType=iou_type)
+    coco_eval.params.maxDets = max_detections(max_dets)
+    warn_if_capped(coco_gt, max_detections(max_dets)[-1])
+    run_cocoeval(coco_eval, load_detections(coco_gt, results), image_ids)
+    return summary_stats(coco_eval)
 
 
 class CocoEvaluator:
@@ -151,12 +212,8 @@ class CocoEvaluator:
         """Match detections to the ground truth over every seen image and accumulate precision/recall."""
         results = [r for image_id in self.img_ids for r in self.detections[image_id]]
         coco_dt = load_detections(self.coco_gt, results)
-        for iou_type, coco_eval in self.coco_eval.items():
-            coco_eval.cocoDt = coco_dt
-            coco_eval.params.imgIds = self.img_ids
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_eval.evaluate()
-                coco_eval.accumulate()
+        for coco_eval in self.coco_eval.values():
+            run_cocoeval(coco_eval, coco_dt, self.img_ids)
 
     def summarize(self, table=True):
         """Fill ``coco_eval[t].stats`` for each iou type, printing the standard COCO table unless ``table`` is

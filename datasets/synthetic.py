@@ -1,8 +1,9 @@
 """A small synthetic COCO-format detection set: coloured geometric shapes on textured backgrounds.
 
 The layout matches COCO (``train2017/``, ``val2017/``, ``annotations/instances_{split}2017.json``) so the
-regular COCO reader and evaluator run on it unchanged. Everything is drawn from the seed: the same
-parameters give byte-identical files. Each image has its own random stream (seed, split, index), so
+regular COCO reader and evaluator run on it unchanged; each object's ``segmentation`` is its visible pixels,
+exactly (datasets.mask_outline: polygons, or RLE for an object with a hole). Everything is drawn from the seed: the
+same parameters give byte-identical files. Each image has its own random stream (seed, split, index), so
 changing the number of images leaves the existing ones as they were.
 """
 import colorsys
@@ -16,11 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .mask_outline import coco_segmentation
+
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 TEXTURES = ("noise", "stripes", "gradient")
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: annotations carry segmentation (images and boxes as in 1)
 _IMAGE_FILE_PATTERN = re.compile(r"^\d{12}\.(jpg|png)$")
 
 
@@ -245,14 +248,16 @@ def write_split(out_dir, split, num_images, seed, cfg):
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
-        array, objects, _ = render_image(_image_rng(seed, split, index), cfg)
+        array, objects, owner = render_image(_image_rng(seed, split, index), cfg)
         file_name = f"{image_id:012d}.{cfg.image_format}"
         (image_dir / file_name).write_bytes(encode_image(array, cfg))
         images.append({"id": image_id, "file_name": file_name,
                        "height": int(array.shape[0]), "width": int(array.shape[1])})
-        for category, box, area in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": category + 1, "bbox": box, "area": area, "iscrowd": 0})
+        for index_in_image, (category, box, area) in enumerate(objects):
+            # area: the visible pixels, which the segmentation covers exactly
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category + 1,
+                                "bbox": box, "area": area, "iscrowd": 0,
+                                "segmentation": coco_segmentation(owner == index_in_image)})
     written = {image["file_name"] for image in images}
     for stale in image_dir.iterdir():  # images of an earlier, larger generation
         if _IMAGE_FILE_PATTERN.match(stale.name) and stale.name not in written:

@@ -1,11 +1,13 @@
-"""Synthetic shapes generator: determinism, valid COCO content, tight boxes, CLI manifest."""
+"""Synthetic shapes generator: determinism, valid COCO content, tight boxes, exact segmentations, CLI manifest."""
+import hashlib
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from datasets.synthetic import SHAPE_NAMES, SyntheticConfig, make_synthetic_coco, render_image
+from datasets.mask_outline import coco_segmentation, pixel_outlines, signed_area
+from datasets.synthetic import SHAPE_NAMES, SyntheticConfig, _image_rng, make_synthetic_coco, render_image
 from tools.make_synthetic_coco import main as cli_main
 
 NUM_TRAIN, NUM_VAL = 24, 4
@@ -101,3 +103,86 @@ def test_cli_skips_identical_output(tmp_path, capsys):
     cli_main(argv[:3] + ["1"] + argv[4:])  # fewer images: regenerated, stale files removed
     assert "train: 1 images" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "cli" / "train2017").iterdir()] == ["000000000001.png"]
+
+
+# SHA-256 of the images, and of the image entries, annotations (less segmentation) and categories, of a small set
+# written by generator version 1: segmentation came with version 2, leaving images and boxes as they were
+VERSION_1_FINGERPRINT = "9a87b80026515c3708ab8a9252c86a182a3d4352983c9b8ea6b9f5d9de90f6fd"
+
+
+def test_images_and_boxes_as_version_1_wrote_them(tmp_path):
+    make_synthetic_coco(tmp_path, 3, 2, image_size=64, seed=5)
+    digest = hashlib.sha256()
+    for path in sorted(tmp_path.rglob("*.jpg")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for split in ("train", "val"):
+        data = load(tmp_path, split)
+        assert all("segmentation" in a for a in data["annotations"])
+        for a in data["annotations"]:
+            del a["segmentation"]
+        digest.update(json.dumps([data["images"], data["annotations"], data["categories"]]).encode())
+    assert digest.hexdigest() == VERSION_1_FINGERPRINT
+
+
+def decode_segmentation(segmentation, height, width):
+    """The boolean mask [H, W] a COCO segmentation rasterizes to, as COCO's evaluation reads it."""
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rles = mask_api.frPyObjects(segmentation, height, width)
+    return mask_api.decode(mask_api.merge(rles) if isinstance(rles, list) else rles).astype(bool)
+
+
+# pycocotools' decode under numpy 2 warns about its own use of np.array(copy=False)
+IGNORE_PYCOCOTOOLS_COPY = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@IGNORE_PYCOCOTOOLS_COPY
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_segmentation_is_exactly_the_visible_pixels(generated, split):
+    data = load(generated, split)
+    per_image = {}
+    for a in data["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(a)
+    forms = Counter()
+    for index, image in enumerate(data["images"]):
+        _, objects, owner = render_image(_image_rng(0, split, index), SyntheticConfig(image_size=80))
+        annotations = per_image[image["id"]]
+        assert len(annotations) == len(objects)
+        for k, a in enumerate(annotations):  # back to front, as render_image lists them
+            visible = owner == k
+            mask = decode_segmentation(a["segmentation"], image["height"], image["width"])
+            assert np.array_equal(mask, visible), f"annotation {a['id']}"
+            assert a["area"] == int(visible.sum()) and a["iscrowd"] == 0
+            forms["rle" if isinstance(a["segmentation"], dict) else "polygons"] += 1
+    assert forms["polygons"] > forms["rle"] > 0 or split == "val"
+
+
+@IGNORE_PYCOCOTOOLS_COPY
+def test_outlines_of_touching_corners_holes_and_random_masks():
+    corners = np.array([[1, 0], [0, 1]], dtype=bool)  # two pixels touching at a corner: two outlines
+    assert pixel_outlines(corners) == [[(0, 0), (1, 0), (1, 1), (0, 1)], [(1, 1), (2, 1), (2, 2), (1, 2)]]
+    frame = np.ones((3, 4), dtype=bool)
+    frame[1, 1:3] = False  # a hole: the outer outline clockwise, the hole's anticlockwise
+    assert [signed_area(points) for points in pixel_outlines(frame)] == [12, -2]
+    assert coco_segmentation(frame) == {"size": [3, 4], "counts": [0, 4, 1, 2, 1, 4]}
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(1, 10, size=2))
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.9)
+        if mask.any():
+            assert np.array_equal(decode_segmentation(coco_segmentation(mask), height, width), mask)
+    with pytest.raises(ValueError, match="empty"):
+        coco_segmentation(np.zeros((2, 2), dtype=bool))
+
+
+def test_cli_regenerates_a_version_1_set(tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "cli"), "--num_train", "1", "--num_val", "1", "--image_size", "48"]
+    cli_main(argv)
+    manifest = tmp_path / "cli" / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["parameters"]["generator_version"] = 1  # as a set written before segmentation was added
+    manifest.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    cli_main(argv)
+    assert "train: 1 images" in capsys.readouterr().out
+    assert json.loads(manifest.read_text())["parameters"]["generator_version"] == 2

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Install (once) and run the test suite; extra arguments go to pytest (e.g. -k parity).
-# The optional packages the tests exercise (ONNX export and onnxruntime, figures, TensorBoard) are installed too;
-# INSTALL_OPTIONAL=0 leaves them out (their tests then skip). OPTIONAL_SPEC: the releases this project is tested with.
+# The optional packages the tests exercise (ONNX export and onnxruntime, figures, TensorBoard, Segment Anything) are
+# installed too; INSTALL_OPTIONAL=0 leaves them out (their tests then skip). OPTIONAL_SPEC: the releases this project
+# is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 OPTIONAL_SPEC=${OPTIONAL_SPEC:-"onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0 matplotlib
-               tensorboard"}
-OPTIONAL_IMPORTS="import onnx, onnxscript, onnxruntime, matplotlib, tensorboard"
+               tensorboard segment-anything==1.0"}
+OPTIONAL_IMPORTS="import onnx, onnxscript, onnxruntime, matplotlib, tensorboard, segment_anything"
 if [ "${INSTALL_OPTIONAL:-1}" != 0 ] && ! .venv/bin/python -c "$OPTIONAL_IMPORTS" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check $OPTIONAL_SPEC
+fi
+# SAM 2 comes as source only, whose isolated build would pull another torch: built here without isolation or
+# dependencies (its pure-Python ones listed); if that fails, only its test skips
+SAM2_SPEC=${SAM2_SPEC:-"sam2==1.1.0 hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 iopath==0.1.10
+           portalocker==4.4.2"}
+if [ "${INSTALL_OPTIONAL:-1}" != 0 ] && ! .venv/bin/python -c "import sam2.build_sam" 2>/dev/null; then
+    SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        --no-build-isolation $SAM2_SPEC || echo "sam2 was not installed: its test skips"
 fi
 .venv/bin/python -m pytest -q tests "$@"
