@@ -258,6 +258,7 @@ def test_the_stand_ins_frame_is_sams():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sam2") is None, reason="sam2 is not installed")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # inside sam2 itself
 def test_sam2_behind_the_same_interface():
     """SAM 2.1 Hiera-T with random weights through box_masks: masks in the image's pixels, one per box."""
     torch.manual_seed(0)
