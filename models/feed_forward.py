@@ -1,9 +1,13 @@
 """The feed-forward block of the transformer layers, linear2(dropout(activation(linear1(x)))); for ReLU without
 active dropout it is computed with the ReLU and its gradient in place (the same function, fewer fresh buffers;
 equal in float64 to autograd's Linear / ReLU / Linear: tests/test_equivalence.py)."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts for a linear layer
 
 
 class _ReluFeedForward(torch.autograd.Function):
@@ -42,21 +46,31 @@ class _ReluFeedForward(torch.autograd.Function):
 
 def _in_place_relu_applies(linear1, linear2, activation, dropout, x):
     """Whether _ReluFeedForward computes the block: ReLU, no active dropout (dropout is another function), both
-    biases; not under autocast (its casts would hand the hand-written backward mixed dtypes, which mm rejects);
-    not under torch.export (an exported graph has no backward, where the Function saves its memory, and records
-    autograd's Linear / ReLU / Linear instead)."""
+    biases; not under torch.export (an exported graph has no backward, where the Function saves its memory, and
+    records autograd's Linear / ReLU / Linear instead)."""
     return (activation is F.relu and not (dropout.training and dropout.p > 0)
-            and linear1.bias is not None and linear2.bias is not None
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting())
+            and linear1.bias is not None and linear2.bias is not None and not torch.compiler.is_exporting())
 
 
 def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn.Dropout, x):
     """linear2(dropout(activation(linear1(x)))) for x [..., C]; with ReLU and no active dropout (upstream's
-    --dropout 0, or evaluation) the same function computed in place where autograd allows."""
+    --dropout 0, or evaluation) the same function computed in place where autograd allows.
+
+    Under autocast the in-place Function gets what autocast's linear layers would compute with: x and the
+    parameters cast to autocast's dtype (the casts recorded by autograd, so the parameters' gradients come back
+    in float32), the products in that dtype."""
     if not _in_place_relu_applies(linear1, linear2, activation, dropout, x):
         return linear2(dropout(activation(linear1(x))))
     if not torch.is_grad_enabled():
         return linear2(F.relu(linear1(x), inplace=True))
-    out = _ReluFeedForward.apply(x.reshape(-1, x.shape[-1]), linear1.weight, linear1.bias, linear2.weight,
-                                 linear2.bias)  # [T, C] for x [..., C]
+    tensors = (x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
+    dtype = None
+    if torch.is_autocast_enabled(x.device.type):
+        if any(t.dtype not in _AUTOCAST_CASTS for t in tensors):
+            return linear2(dropout(activation(linear1(x))))  # float64 stays float64 under autocast
+        dtype = torch.get_autocast_dtype(x.device.type)
+        tensors = tuple(t.to(dtype) for t in tensors)
+    x_2d = tensors[0].reshape(-1, x.shape[-1])  # [T, C] for x [..., C]
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        out = _ReluFeedForward.apply(x_2d, *tensors[1:])
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -474,13 +474,36 @@ def test_feed_forward_keeps_upstreams_computation_with_dropout_or_another_activa
     assert torch.equal(gelu, upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.gelu, dropout, x))
 
 
-def test_feed_forward_under_autocast_runs_autograds_modules():
-    """The in-place Function's hand-written backward takes one dtype; under autocast the block runs autograd's
-    Linear / ReLU / Linear, whose backward follows autocast's casts."""
-    linear1, linear2, dropout, x = (m.float() for m in _feed_forward_block())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_feed_forward_under_autocast_equals_autocasts_linear_relu_linear(dtype):
+    """Under autocast the in-place Function computes with autocast's casts (x and the parameters in its dtype):
+    the outputs and every gradient equal autograd's Linear / ReLU / Linear under autocast bit for bit, and the
+    parameters' gradients come back in float32."""
+    gen = torch.Generator().manual_seed(12)
+    linear1, linear2 = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+    for param in [*linear1.parameters(), *linear2.parameters()]:
+        param.data = torch.randn(param.shape, generator=gen) / 8
+    dropout = torch.nn.Dropout(0.0)
+    x = torch.randn(2, 37, 64, generator=gen, requires_grad=True)
+    inputs = [x, *linear1.parameters(), *linear2.parameters()]
+    with torch.autocast("cpu", dtype=dtype):
+        ours = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+        theirs = upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+        with torch.no_grad():
+            ours_no_grad = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
+    assert ours.dtype == dtype and "ReluBackward0" not in _graph_nodes(ours)
+    assert torch.equal(ours, theirs) and torch.equal(ours_no_grad, theirs)
+    grad = torch.randn(theirs.shape, generator=gen).to(dtype)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
+        assert g_ours.dtype == torch.float32 and torch.equal(g_ours, g_theirs)
+
+
+def test_feed_forward_under_autocast_leaves_float64_to_autograds_modules():
+    """autocast does not cast float64: such a block runs autograd's Linear / ReLU / Linear in float64."""
+    linear1, linear2, dropout, x = _feed_forward_block()
     x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x)
-    assert out.dtype == torch.bfloat16 and "ReluBackward0" in _graph_nodes(out)
-    out.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and linear1.weight.grad.dtype == torch.float32
+    assert out.dtype == torch.float64 and "ReluBackward0" in _graph_nodes(out)
+    torch.testing.assert_close(out, upstream_forms.feed_forward(linear1, linear2, torch.nn.functional.relu, dropout, x),
+                               rtol=0, atol=0)
