@@ -1,6 +1,7 @@
 """Deformable attention under autocast (CPU, bfloat16 and float16): the op takes and returns value's dtype and sums
-in float32, the compiled CPU op runs (not the grid_sample path), and the sampling locations, offsets and
-attention weights stay float32."""
+in float32 (the CPU kernel reads the reduced value itself, and equals the float32 kernel on its exact conversion),
+the compiled CPU op runs (not the grid_sample path), and the sampling locations, offsets and attention weights stay
+float32."""
 import pytest
 import torch
 from model_helpers import SMALL, TWO_STAGE_HYBRID, build, images
@@ -66,6 +67,31 @@ def test_op_under_autocast_gradients_come_back_in_the_inputs_dtypes(dtype):
     assert all(torch.isfinite(t.grad).all() for t in (value, locations, weights))
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_cpu_kernel_on_a_reduced_value_equals_the_float32_kernel_on_its_conversion(dtype):
+    """A bfloat16 / float16 value converts to float32 exactly, so the kernel that reads it and sums in float32 gives
+    the float32 kernel's result on value.float() rounded once: output, grad_value (rounded) and the gradients of
+    the locations and weights, bit for bit. The value holds a NaN, an inf and values rounding to ties, and some
+    locations fall off the maps."""
+    if get_cpu_extension() is None:
+        pytest.skip("the CPU op could not be built here")
+    value, shapes, starts, locations, weights = op_inputs(seed=3)
+    value = value.to(dtype)
+    value[0, 5, 1, 2], value[1, 7, 0, 0] = float("nan"), float("inf")
+    as_float = value.float()
+    out = ms_deform_attn_compiled(value, shapes, starts, locations, weights, 64)
+    expected = ms_deform_attn_compiled(as_float, shapes, starts, locations, weights, 64)
+    assert out.dtype == dtype and out.isnan().any()
+    torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=0, equal_nan=True)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    backward = torch.ops.hdetr.ms_deform_attn_backward
+    grads = backward(value, shapes, starts, locations, weights, grad_output, 64)
+    expected_grads = backward(as_float, shapes, starts, locations, weights, grad_output.float(), 64)
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+    for grad, expected_grad in zip(grads, (expected_grads[0].to(dtype), *expected_grads[1:])):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+
+
 def recorded_calls(monkeypatch):
     """The dtypes of every ms_deform_attn call (value, locations, weights, output) and of every compiled op call."""
     calls = {"module": [], "compiled": []}
@@ -100,7 +126,7 @@ def test_module_under_autocast_keeps_sampling_in_float32(dtype, coords, monkeypa
     assert out.dtype == dtype
     assert calls["module"] == [(dtype, torch.float32, torch.float32, dtype)]
     if get_cpu_extension() is not None:
-        assert calls["compiled"] == [torch.float32]  # the compiled CPU op, fed float32
+        assert calls["compiled"] == [dtype]  # the compiled CPU op, fed the value as it is
     reference_out = attn(query, reference, flatten, shapes, torch.tensor([0, 48]), None, tuple(SHAPES))
     # bf16/fp16 projections: the outputs agree to a few units of the low precision (a loose check of sanity; the
     # op's own bound is the test above)
@@ -118,4 +144,4 @@ def test_model_under_autocast_runs_the_compiled_op_with_float32_locations(dtype,
     assert all(loc == torch.float32 and weights == torch.float32 and value == out_dtype
                for value, loc, weights, out_dtype in calls["module"]), calls["module"]
     if get_cpu_extension() is not None:
-        assert calls["compiled"] == [torch.float32] * len(calls["module"])
+        assert calls["compiled"] == [dtype] * len(calls["module"])

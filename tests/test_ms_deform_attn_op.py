@@ -40,21 +40,29 @@ def op_inputs(n=2, num_queries=4, heads=2, channels=3, points=2, shapes=SHAPES, 
     return value, spatial_shapes, starts, locations, weights
 
 
-def test_opcheck_forward(cpu_op):
+# the CPU kernels' dtypes: (value, sampling locations and attention weights)
+CPU_DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+              (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("value_dtype, weights_dtype", CPU_DTYPES, ids=lambda d: str(d)[6:])
+def test_opcheck_forward(cpu_op, value_dtype, weights_dtype):
     """Schema, fake kernel, autograd registration and AOT dispatch (static and dynamic shapes) of the op, with and
-    without gradients, in float64 and float32."""
-    for dtype in (torch.float64, torch.float32):
-        value, shapes, starts, locations, weights = op_inputs(dtype=dtype)
-        torch.library.opcheck(ms_deform_attn_compiled, (value, shapes, starts, locations, weights, 64))
-        leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
-        torch.library.opcheck(ms_deform_attn_compiled, (leaves[0], shapes, starts, leaves[1], leaves[2], 1))
-
-
-def test_opcheck_backward(cpu_op):
+    without gradients, in each dtype pair of the CPU kernels."""
     value, shapes, starts, locations, weights = op_inputs()
-    grad_output = torch.randn(2, 4, 6, dtype=torch.float64)
+    value, locations, weights = value.to(value_dtype), locations.to(weights_dtype), weights.to(weights_dtype)
+    torch.library.opcheck(ms_deform_attn_compiled, (value, shapes, starts, locations, weights, 64))
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    torch.library.opcheck(ms_deform_attn_compiled, (leaves[0], shapes, starts, leaves[1], leaves[2], 1))
+
+
+@pytest.mark.parametrize("value_dtype, weights_dtype", CPU_DTYPES, ids=lambda d: str(d)[6:])
+def test_opcheck_backward(cpu_op, value_dtype, weights_dtype):
+    value, shapes, starts, locations, weights = op_inputs()
+    grad_output = torch.randn(2, 4, 6, dtype=value_dtype)
     torch.library.opcheck(ms_deform_attn_compiled_backward,
-                          (value, shapes, starts, locations, weights, grad_output, 64))
+                          (value.to(value_dtype), shapes, starts, locations.to(weights_dtype),
+                           weights.to(weights_dtype), grad_output, 64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -95,13 +103,17 @@ def test_fake_kernel_names_bad_shapes():
             ms_deform_attn_compiled(value, shapes, starts, locations, weights[..., :1], 64)
         with pytest.raises(RuntimeError, match="share one dtype"):
             ms_deform_attn_compiled(value, shapes, starts, locations.float(), weights, 64)
+        with pytest.raises(RuntimeError, match="expected torch.float32 ones for a torch.bfloat16 value on cpu"):
+            ms_deform_attn_compiled(value.bfloat16(), shapes, starts, locations.bfloat16(), weights.bfloat16(), 64)
+        assert ms_deform_attn_compiled(value.bfloat16(), shapes, starts, locations.float(), weights.float(),
+                                       64).dtype == torch.bfloat16
         with pytest.raises(RuntimeError, match="spatial_shapes must be"):
             ms_deform_attn_compiled(value, shapes[:2], starts[:2], locations, weights, 64)
 
 
 def test_dispatcher_takes_the_op_on_the_cpu_in_every_dtype(cpu_op, monkeypatch):
-    """float32/float64 run in their own dtype; bfloat16 and float16 values are computed in float32 and returned in
-    their dtype; the op's path is taken for all of them."""
+    """float32/float64 run in their own dtype; bfloat16 and float16 values go to the kernel as they are, with float32
+    locations and weights, and come back in their dtype; the op's path is taken for all of them."""
     calls = []
 
     def counting_op(*args):
@@ -114,7 +126,7 @@ def test_dispatcher_takes_the_op_on_the_cpu_in_every_dtype(cpu_op, monkeypatch):
                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
         calls.clear()
         out = ms_deform_attn(value.to(dtype), shapes, starts, locations, weights)
-        assert calls == [computed] and out.dtype == dtype
+        assert calls == [dtype] and out.dtype == dtype
         expected = ms_deform_attn_core_pytorch(value.to(dtype).to(computed), SHAPES, locations.to(computed),
                                                weights.to(computed))
         torch.testing.assert_close(out, expected.to(dtype), rtol=1e-6, atol=1e-6)

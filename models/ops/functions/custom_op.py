@@ -2,10 +2,12 @@
 
 hdetr::ms_deform_attn and its gradient hdetr::ms_deform_attn_backward, each with a CPU and a CUDA kernel (the
 compiled extensions, loaded on first use), a fake kernel (shapes and dtypes only: FakeTensorMode, torch.compile,
-torch.export) and the autograd formula that calls the backward op, so that both trace. The kernels take one
-floating dtype for value, sampling_locations and attention_weights (CPU: float32, float64; CUDA: also float16 and
-bfloat16, accumulated in float32); ms_deform_attn_func.ms_deform_attn casts to it and chooses between these ops and
-the PyTorch path.
+torch.export) and the autograd formula that calls the backward op, so that both trace. The dtypes the kernels
+take (weights_dtype): CUDA one floating dtype for value, sampling_locations and attention_weights (float16 and
+bfloat16 accumulated in float32); CPU value in float32, float64, bfloat16 or float16, with sampling_locations and
+attention_weights in its opmath dtype (float32 for the reduced ones, in which the CPU kernel sums). The output and
+grad_value come in value's dtype. ms_deform_attn_func.ms_deform_attn casts to these and chooses between these ops
+and the PyTorch path.
 """
 import torch
 from torch import Tensor
@@ -13,6 +15,14 @@ from torch import Tensor
 from . import extension
 
 NAMESPACE = "hdetr"
+
+
+def weights_dtype(value):
+    """The dtype of sampling_locations and attention_weights that the kernel of value's device takes with value:
+    value's own on CUDA; on the CPU value's opmath dtype (float32 for bfloat16 / float16, in which it sums)."""
+    if value.device.type == "cpu" and value.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return value.dtype
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -31,9 +41,12 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     torch._check(spatial_shapes.shape == (levels, 2) and level_start_index.shape == (levels,),
                  lambda: f"spatial_shapes must be [{levels}, 2] and level_start_index [{levels}], got "
                          f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
-    torch._check(sampling_locations.dtype == value.dtype and attention_weights.dtype == value.dtype,
-                 lambda: f"value, sampling_locations and attention_weights must share one dtype, got {value.dtype}, "
-                         f"{sampling_locations.dtype}, {attention_weights.dtype}")
+    expected = weights_dtype(value)
+    torch._check(sampling_locations.dtype == expected and attention_weights.dtype == expected,
+                 lambda: f"value, sampling_locations and attention_weights must share one dtype (where the kernel "
+                         f"sums a bfloat16 / float16 value in float32, float32 ones), expected {expected} ones for a "
+                         f"{value.dtype} value on {value.device.type}, got {sampling_locations.dtype} and "
+                         f"{attention_weights.dtype}")
 
 
 def _kernels(device):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import extension
-from .custom_op import ms_deform_attn_compiled
+from .custom_op import ms_deform_attn_compiled, weights_dtype
 
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -93,8 +93,9 @@ def compute_dtype(device, *tensors):
 def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
                    im2col_step=64, level_sizes=None):
     """Multi-scale deformable attention [N, Lq, M * D] in value's dtype: the compiled op where use_compiled(value),
-    else the PyTorch path; both compute in compute_dtype() (under autocast too: bfloat16 / float16 values are cast
-    once to float32 on the CPU, and sampling locations stay as precise as they come).
+    else the PyTorch path; both compute in compute_dtype() (under autocast too; sampling locations stay as precise as
+    they come). The CPU kernel reads a bfloat16 / float16 value as it is and sums in float32, which equals the float32
+    computation on the value converted (exactly) to float32; the PyTorch path converts it.
 
     Shapes as ms_deform_attn_core_pytorch; value_spatial_shapes [L, 2] int64 and value_level_start_index [L] (the
     first row of each level in value) on value's device; level_sizes: the same (H_l, W_l) as Python ints (None:
@@ -106,7 +107,8 @@ def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, samplin
             raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
     if use_compiled(value):
         dtype = compute_dtype(value.device, value, sampling_locations, attention_weights)
-        output = ms_deform_attn_compiled(value.to(dtype), value_spatial_shapes, value_level_start_index,
+        kernel_value = value if weights_dtype(value) == dtype else value.to(dtype)
+        output = ms_deform_attn_compiled(kernel_value, value_spatial_shapes, value_level_start_index,
                                          sampling_locations.to(dtype), attention_weights.to(dtype), im2col_step)
         return output.to(value.dtype)
     dtype = compute_dtype(torch.device("cpu"), value, sampling_locations, attention_weights)

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 namespace msda {
 
@@ -12,10 +13,11 @@ struct Dims {
   int64_t batch, num_value, heads, channels, num_query, levels, points;
 };
 
-// Shapes, dtypes and devices of the op's inputs; the sizes they give.
+// Shapes, dtypes and devices of the op's inputs; the sizes they give. sampling_loc and attn_weight share a dtype:
+// value's, or with opmath_weights (the CPU kernels) value's opmath type (float32 for a bfloat16 / float16 value).
 inline Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
-                         const at::Tensor& attn_weight, int64_t im2col_step) {
+                         const at::Tensor& attn_weight, int64_t im2col_step, bool opmath_weights = false) {
   TORCH_CHECK(value.dim() == 4, "value must be [N, S, M, D], got ", value.sizes());
   TORCH_CHECK(sampling_loc.dim() == 6 && sampling_loc.size(5) == 2,
               "sampling_loc must be [N, Lq, M, L, P, 2], got ", sampling_loc.sizes());
@@ -34,9 +36,12 @@ inline Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shap
               "spatial_shapes and level_start_index must be integer tensors");
   TORCH_CHECK(sampling_loc.device() == value.device() && attn_weight.device() == value.device(),
               "value, sampling_loc and attn_weight must be on the same device");
-  TORCH_CHECK(sampling_loc.scalar_type() == value.scalar_type() && attn_weight.scalar_type() == value.scalar_type(),
-              "value, sampling_loc and attn_weight must share one dtype, got ", value.scalar_type(), ", ",
-              sampling_loc.scalar_type(), ", ", attn_weight.scalar_type());
+  const at::ScalarType weights_type = opmath_weights ? at::toOpMathType(value.scalar_type()) : value.scalar_type();
+  TORCH_CHECK(sampling_loc.scalar_type() == weights_type && attn_weight.scalar_type() == weights_type,
+              "value, sampling_loc and attn_weight must share one dtype (where the kernel sums a bfloat16 / "
+              "float16 value in float32, float32 sampling_loc and attn_weight), expected ", weights_type,
+              " ones for a ", value.scalar_type(), " value, got ", sampling_loc.scalar_type(), " and ",
+              attn_weight.scalar_type());
   TORCH_CHECK(im2col_step > 0, "im2col_step must be positive, got ", im2col_step);
   return d;
 }

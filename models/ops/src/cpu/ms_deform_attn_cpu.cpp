@@ -4,13 +4,21 @@
 // The same function as the PyTorch path (grid_sample, then the attention-weighted sum), without its
 // [N*M, D, Lq, L*P] intermediates: each sample's four corners are read straight from the value rows.
 // Layouts (contiguous): value [N, S, M, D]; loc [N, Lq, M, L, P, 2]; attn [N, Lq, M, L, P]; out [N, Lq, M, D].
+// Types: value and out in value_t (float, double, or bfloat16 / half read and written as such, half the bytes
+// gathered); loc, attn, the sums and the gradients in acc_t = at::opmath_type<value_t> (float for the reduced
+// types). A reduced value is converted exactly to float, so its result is the float kernel's on the converted
+// value, the output rounded once.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../ms_deform_attn_checks.h"
 #include "../ms_deform_attn_sampling.h"
@@ -28,6 +36,29 @@
 namespace msda {
 namespace {
 
+// value_t -> acc_t, written so that the loops vectorise: bfloat16 is the top half of a float.
+MSDA_ALWAYS_INLINE float widen(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+MSDA_ALWAYS_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+// float -> value_t rounded to nearest even as c10's conversions round (NaN -> c10's quiet NaN), vectorisable.
+template <typename value_t>
+MSDA_ALWAYS_INLINE value_t narrow(float x) {
+  return static_cast<value_t>(x);
+}
+template <>
+MSDA_ALWAYS_INLINE c10::BFloat16 narrow<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint16_t rounded = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return c10::BFloat16(rounded, c10::BFloat16::from_bits());
+}
+MSDA_ALWAYS_INLINE float widen(float x) { return x; }
+MSDA_ALWAYS_INLINE double widen(double x) { return x; }
+
 // The sample's corner weights (top-left, top-right, bottom-left, bottom-right) and their derivatives in x and y.
 template <typename scalar_t>
 struct CornerWeights {
@@ -44,47 +75,55 @@ struct CornerWeights {
 };
 
 // Output rows of the (image, query) pairs in [begin, end); each pair writes its own rows only.
-template <typename scalar_t>
-MSDA_ALWAYS_INLINE void forward_range(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                                      const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& d,
+// `sums` holds d.channels acc_t: the row's sums when value_t is narrower than acc_t, unused otherwise.
+template <typename value_t, typename acc_t>
+MSDA_ALWAYS_INLINE void forward_range(const value_t* value, const int64_t* shapes, const int64_t* starts,
+                                      const acc_t* loc, const acc_t* attn, value_t* out, acc_t* sums, const Dims& d,
                                       int64_t begin, int64_t end) {
+  constexpr bool kSumInOutput = std::is_same<value_t, acc_t>::value;
   const int64_t row_stride = d.heads * d.channels;
   const int64_t channels = d.channels;
   for (int64_t bq = begin; bq < end; ++bq) {
-    const scalar_t* value_b = value + (bq / d.num_query) * d.num_value * row_stride;
+    const value_t* value_b = value + (bq / d.num_query) * d.num_value * row_stride;
     for (int64_t m = 0; m < d.heads; ++m) {
       const int64_t bqm = bq * d.heads + m;
-      scalar_t* __restrict__ out_row = out + bqm * channels;
-      std::fill(out_row, out_row + channels, scalar_t(0));
+      value_t* out_row = out + bqm * channels;
+      acc_t* __restrict__ sum_row = kSumInOutput ? reinterpret_cast<acc_t*>(out_row) : sums;
+      std::fill(sum_row, sum_row + channels, acc_t(0));
       int64_t sample = bqm * d.levels * d.points;
       for (int64_t l = 0; l < d.levels; ++l) {
         const int h = static_cast<int>(shapes[2 * l]), w = static_cast<int>(shapes[2 * l + 1]);
-        const scalar_t* level = value_b + starts[l] * row_stride + m * channels;
+        const value_t* level = value_b + starts[l] * row_stride + m * channels;
         for (int64_t p = 0; p < d.points; ++p, ++sample) {
-          const Footprint<scalar_t> f = footprint<scalar_t>(loc[2 * sample], loc[2 * sample + 1], h, w);
+          const Footprint<acc_t> f = footprint<acc_t>(loc[2 * sample], loc[2 * sample + 1], h, w);
           if (!f.inside) continue;
           int64_t rows[4];
           bool ok[4];
           corner_rows(f, w, rows, ok);
-          const CornerWeights<scalar_t> cw(f);
+          const CornerWeights<acc_t> cw(f);
           for (int k = 0; k < 4; ++k) {
             if (!ok[k]) continue;
-            const scalar_t coef = attn[sample] * cw.w[k];
-            const scalar_t* __restrict__ v = level + rows[k] * row_stride;
+            const acc_t coef = attn[sample] * cw.w[k];
+            const value_t* __restrict__ v = level + rows[k] * row_stride;
 #pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) out_row[c] += coef * v[c];
+            for (int64_t c = 0; c < channels; ++c) sum_row[c] += coef * widen(v[c]);
           }
         }
+      }
+      if constexpr (!kSumInOutput) {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) out_row[c] = narrow<value_t>(sum_row[c]);
       }
     }
   }
 }
 
 // Gradients of the (image, head) pairs in [begin, end); each pair alone adds into its head's grad_value rows.
-template <typename scalar_t>
-MSDA_ALWAYS_INLINE void backward_range(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                                       const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
-                                       scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn, const Dims& d,
+// grad_out, grad_value (the sums, cast to value_t by the caller), grad_loc and grad_attn in acc_t.
+template <typename value_t, typename acc_t>
+MSDA_ALWAYS_INLINE void backward_range(const value_t* value, const int64_t* shapes, const int64_t* starts,
+                                       const acc_t* loc, const acc_t* attn, const acc_t* grad_out,
+                                       acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Dims& d,
                                        int64_t begin, int64_t end) {
   const int64_t row_stride = d.heads * d.channels;
   const int64_t channels = d.channels;
@@ -93,29 +132,29 @@ MSDA_ALWAYS_INLINE void backward_range(const scalar_t* value, const int64_t* sha
     const int64_t head_offset = b * d.num_value * row_stride + m * channels;
     for (int64_t q = 0; q < d.num_query; ++q) {
       const int64_t bqm = (b * d.num_query + q) * d.heads + m;
-      const scalar_t* __restrict__ g = grad_out + bqm * channels;
+      const acc_t* __restrict__ g = grad_out + bqm * channels;
       int64_t sample = bqm * d.levels * d.points;
       for (int64_t l = 0; l < d.levels; ++l) {
         const int h = static_cast<int>(shapes[2 * l]), w = static_cast<int>(shapes[2 * l + 1]);
         const int64_t level_offset = head_offset + starts[l] * row_stride;
         for (int64_t p = 0; p < d.points; ++p, ++sample) {
-          const Footprint<scalar_t> f = footprint<scalar_t>(loc[2 * sample], loc[2 * sample + 1], h, w);
+          const Footprint<acc_t> f = footprint<acc_t>(loc[2 * sample], loc[2 * sample + 1], h, w);
           if (!f.inside) continue;  // the gradients stay zero
           int64_t rows[4];
           bool ok[4];
           corner_rows(f, w, rows, ok);
-          const CornerWeights<scalar_t> cw(f);
-          const scalar_t a = attn[sample];
-          scalar_t d_attn = 0, d_x = 0, d_y = 0;
+          const CornerWeights<acc_t> cw(f);
+          const acc_t a = attn[sample];
+          acc_t d_attn = 0, d_x = 0, d_y = 0;
           for (int k = 0; k < 4; ++k) {
             if (!ok[k]) continue;
-            const scalar_t* __restrict__ v = value + level_offset + rows[k] * row_stride;
-            scalar_t* __restrict__ gv = grad_value + level_offset + rows[k] * row_stride;
-            const scalar_t coef = a * cw.w[k];
-            scalar_t dot = 0;  // <grad_out, corner value>
+            const value_t* __restrict__ v = value + level_offset + rows[k] * row_stride;
+            acc_t* __restrict__ gv = grad_value + level_offset + rows[k] * row_stride;
+            const acc_t coef = a * cw.w[k];
+            acc_t dot = 0;  // <grad_out, corner value>
 #pragma omp simd reduction(+ : dot)
             for (int64_t c = 0; c < channels; ++c) {
-              dot += g[c] * v[c];
+              dot += g[c] * widen(v[c]);
               gv[c] += coef * g[c];
             }
             d_attn += cw.w[k] * dot;
@@ -124,30 +163,32 @@ MSDA_ALWAYS_INLINE void backward_range(const scalar_t* value, const int64_t* sha
           }
           grad_attn[sample] = d_attn;
           // d x_pix / d x = W, d y_pix / d y = H
-          grad_loc[2 * sample] = d_x * a * static_cast<scalar_t>(w);
-          grad_loc[2 * sample + 1] = d_y * a * static_cast<scalar_t>(h);
+          grad_loc[2 * sample] = d_x * a * static_cast<acc_t>(w);
+          grad_loc[2 * sample + 1] = d_y * a * static_cast<acc_t>(h);
         }
       }
     }
   }
 }
 
-// The ranges for float and double, compiled for each target of MSDA_CPU_CLONES.
-#define MSDA_CPU_RANGES(scalar_t)                                                                                   \
-  MSDA_CPU_CLONES void forward_range_of(const scalar_t* value, const int64_t* shapes, const int64_t* starts,        \
-                                        const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& d,   \
-                                        int64_t begin, int64_t end) {                                              \
-    forward_range<scalar_t>(value, shapes, starts, loc, attn, out, d, begin, end);                                 \
+// The ranges of each (value_t, acc_t) pair, compiled for each target of MSDA_CPU_CLONES.
+#define MSDA_CPU_RANGES(value_t, acc_t)                                                                            \
+  MSDA_CPU_CLONES void forward_range_of(const value_t* value, const int64_t* shapes, const int64_t* starts,        \
+                                        const acc_t* loc, const acc_t* attn, value_t* out, acc_t* sums,            \
+                                        const Dims& d, int64_t begin, int64_t end) {                               \
+    forward_range<value_t, acc_t>(value, shapes, starts, loc, attn, out, sums, d, begin, end);                     \
   }                                                                                                                 \
-  MSDA_CPU_CLONES void backward_range_of(const scalar_t* value, const int64_t* shapes, const int64_t* starts,       \
-                                         const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,       \
-                                         scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn,             \
-                                         const Dims& d, int64_t begin, int64_t end) {                               \
-    backward_range<scalar_t>(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn, d, begin, \
-                             end);                                                                                  \
+  MSDA_CPU_CLONES void backward_range_of(const value_t* value, const int64_t* shapes, const int64_t* starts,       \
+                                         const acc_t* loc, const acc_t* attn, const acc_t* grad_out,                \
+                                         acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Dims& d,       \
+                                         int64_t begin, int64_t end) {                                              \
+    backward_range<value_t, acc_t>(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn, d, \
+                                   begin, end);                                                                     \
   }
-MSDA_CPU_RANGES(float)
-MSDA_CPU_RANGES(double)
+MSDA_CPU_RANGES(float, float)
+MSDA_CPU_RANGES(double, double)
+MSDA_CPU_RANGES(c10::BFloat16, float)
+MSDA_CPU_RANGES(c10::Half, float)
 #undef MSDA_CPU_RANGES
 
 void require_cpu(const at::Tensor& value) {
@@ -156,19 +197,23 @@ void require_cpu(const at::Tensor& value) {
 
 at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                        const at::Tensor& sampling_loc, const at::Tensor& attn_weight, int64_t im2col_step) {
-  const Dims d = check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step);
+  const Dims d = check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step,
+                              /*opmath_weights=*/true);
   require_cpu(value);
   const at::Tensor value_c = value.contiguous(), loc_c = sampling_loc.contiguous(), attn_c = attn_weight.contiguous();
   const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
   const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
   at::Tensor output = at::zeros({d.batch, d.num_query, d.heads * d.channels}, value.options());
   if (output.numel() == 0 || d.num_value == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     // one task per (image, query)
     at::parallel_for(0, d.batch * d.num_query, 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(d.channels);
       forward_range_of(value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                       starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<scalar_t>(),
-                       attn_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), d, begin, end);
+                       starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
+                       attn_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), sums.data(), d, begin,
+                       end);
     });
   });
   return output;
@@ -178,28 +223,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_loc, const at::Tensor& attn_weight, const at::Tensor& grad_output,
     int64_t im2col_step) {
-  const Dims d = check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step);
+  const Dims d = check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step,
+                              /*opmath_weights=*/true);
   require_cpu(value);
   check_grad_output(grad_output, d, value);
+  const at::ScalarType acc_type = at::toOpMathType(value.scalar_type());
   const at::Tensor value_c = value.contiguous(), loc_c = sampling_loc.contiguous(), attn_c = attn_weight.contiguous();
-  const at::Tensor grad_out_c = grad_output.to(value.scalar_type()).contiguous();
+  const at::Tensor grad_out_c = grad_output.to(acc_type).contiguous();
   const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
   const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
-  at::Tensor grad_value = at::zeros_like(value_c);
+  // grad_value summed in acc_type, cast to value's dtype at the end
+  at::Tensor grad_value_acc = at::zeros(value_c.sizes(), value_c.options().dtype(acc_type));
   at::Tensor grad_loc = at::zeros_like(loc_c);
   at::Tensor grad_attn = at::zeros_like(attn_c);
   if (grad_loc.numel() > 0 && d.num_value > 0 && d.channels > 0) {
-    AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       // one task per (image, head)
       at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
         backward_range_of(value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                          starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<scalar_t>(),
-                          attn_c.const_data_ptr<scalar_t>(), grad_out_c.const_data_ptr<scalar_t>(),
-                          grad_value.mutable_data_ptr<scalar_t>(), grad_loc.mutable_data_ptr<scalar_t>(),
-                          grad_attn.mutable_data_ptr<scalar_t>(), d, begin, end);
+                          starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
+                          attn_c.const_data_ptr<acc_t>(), grad_out_c.const_data_ptr<acc_t>(),
+                          grad_value_acc.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
+                          grad_attn.mutable_data_ptr<acc_t>(), d, begin, end);
       });
     });
   }
+  at::Tensor grad_value = acc_type == value.scalar_type() ? grad_value_acc : grad_value_acc.to(value.scalar_type());
   return {grad_value, grad_loc, grad_attn};
 }
 
