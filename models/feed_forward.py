@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts for a linear layer
+from util.amp import REDUCED_DTYPES
+
+_AUTOCAST_CASTS = (torch.float32, *REDUCED_DTYPES)  # the dtypes autocast casts for a linear layer
 
 
 class _ReluFeedForward(torch.autograd.Function):
@@ -46,10 +48,14 @@ class _ReluFeedForward(torch.autograd.Function):
 
 def _in_place_relu_applies(linear1, linear2, activation, dropout, x):
     """Whether _ReluFeedForward computes the block: ReLU, no active dropout (dropout is another function), both
-    biases; not under torch.export (an exported graph has no backward, where the Function saves its memory, and
-    records autograd's Linear / ReLU / Linear instead)."""
+    biases; under autocast only for the dtypes it casts (float64 stays float64 there); not under torch.export (an
+    exported graph has no backward, where the Function saves its memory, and records autograd's Linear / ReLU /
+    Linear instead)."""
+    autocast_casts_all = not torch.is_autocast_enabled(x.device.type) or all(
+        t.dtype in _AUTOCAST_CASTS for t in (x, linear1.weight, linear2.weight))
     return (activation is F.relu and not (dropout.training and dropout.p > 0)
-            and linear1.bias is not None and linear2.bias is not None and not torch.compiler.is_exporting())
+            and linear1.bias is not None and linear2.bias is not None and autocast_casts_all
+            and not torch.compiler.is_exporting())
 
 
 def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn.Dropout, x):
@@ -66,8 +72,6 @@ def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn
     tensors = (x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
     dtype = None
     if torch.is_autocast_enabled(x.device.type):
-        if any(t.dtype not in _AUTOCAST_CASTS for t in tensors):
-            return linear2(dropout(activation(linear1(x))))  # float64 stays float64 under autocast
         dtype = torch.get_autocast_dtype(x.device.type)
         tensors = tuple(t.to(dtype) for t in tensors)
     x_2d = tensors[0].reshape(-1, x.shape[-1])  # [T, C] for x [..., C]
