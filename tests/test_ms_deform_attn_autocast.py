@@ -23,10 +23,10 @@ LOW_PRECISION = list(UNIT_ROUNDOFF)
 SHAPES = [(6, 8), (3, 4)]
 
 
-def op_inputs(seed=0):
+def op_inputs(seed=0, channels=8):
     gen = torch.Generator().manual_seed(seed)
     num_values = sum(h * w for h, w in SHAPES)
-    value = torch.randn(2, num_values, 4, 8, generator=gen)
+    value = torch.randn(2, num_values, 4, channels, generator=gen)
     locations = torch.rand(2, 30, 4, len(SHAPES), 3, 2, generator=gen) * 1.2 - 0.1
     weights = torch.rand(2, 30, 4, len(SHAPES), 3, generator=gen)
     shapes = torch.tensor(SHAPES)
@@ -67,15 +67,16 @@ def test_op_under_autocast_gradients_come_back_in_the_inputs_dtypes(dtype):
     assert all(torch.isfinite(t.grad).all() for t in (value, locations, weights))
 
 
+@pytest.mark.parametrize("channels", [8, 32])  # the kernel's run-time and compiled channel counts
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_cpu_kernel_on_a_reduced_value_equals_the_float32_kernel_on_its_conversion(dtype):
+def test_cpu_kernel_on_a_reduced_value_equals_the_float32_kernel_on_its_conversion(dtype, channels):
     """A bfloat16 / float16 value converts to float32 exactly, so the kernel that reads it and sums in float32 gives
     the float32 kernel's result on value.float() rounded once: output, grad_value (rounded) and the gradients of
     the locations and weights, bit for bit. The value holds a NaN, an inf and values rounding to ties, and some
     locations fall off the maps."""
     if get_cpu_extension() is None:
         pytest.skip("the CPU op could not be built here")
-    value, shapes, starts, locations, weights = op_inputs(seed=3)
+    value, shapes, starts, locations, weights = op_inputs(seed=3, channels=channels)
     value = value.to(dtype)
     value[0, 5, 1, 2], value[1, 7, 0, 0] = float("nan"), float("inf")
     as_float = value.float()

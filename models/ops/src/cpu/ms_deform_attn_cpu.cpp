@@ -44,9 +44,10 @@ MSDA_ALWAYS_INLINE float widen(c10::BFloat16 x) {
   return f;
 }
 MSDA_ALWAYS_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
-// float -> value_t rounded to nearest even as c10's conversions round (NaN -> c10's quiet NaN), vectorisable.
+// acc_t -> value_t: bfloat16 rounded to nearest even as c10's conversions round (NaN -> c10's quiet NaN),
+// vectorisable.
 template <typename value_t>
-MSDA_ALWAYS_INLINE value_t narrow(float x) {
+MSDA_ALWAYS_INLINE value_t narrow(at::opmath_type<value_t> x) {
   return static_cast<value_t>(x);
 }
 template <>
@@ -74,21 +75,25 @@ struct CornerWeights {
   }
 };
 
-// Output rows of the (image, query) pairs in [begin, end); each pair writes its own rows only.
-// `sums` holds d.channels acc_t: the row's sums when value_t is narrower than acc_t, unused otherwise.
-template <typename value_t, typename acc_t>
+// Output rows of the (image, query) pairs in [begin, end); each pair writes its own rows only. kChannels: the
+// channel count when it is known at compile time, else 0 (d.channels). `sums` holds d.channels acc_t: the row's
+// sums when kChannels is 0 and value_t is narrower than acc_t, unused otherwise.
+template <int kChannels, typename value_t, typename acc_t>
 MSDA_ALWAYS_INLINE void forward_range(const value_t* value, const int64_t* shapes, const int64_t* starts,
                                       const acc_t* loc, const acc_t* attn, value_t* out, acc_t* sums, const Dims& d,
                                       int64_t begin, int64_t end) {
-  constexpr bool kSumInOutput = std::is_same<value_t, acc_t>::value;
-  const int64_t row_stride = d.heads * d.channels;
-  const int64_t channels = d.channels;
+  // with the channel count known, the sums live in a local array (registers); else in out or in sums
+  constexpr bool kSumInOutput = kChannels == 0 && std::is_same<value_t, acc_t>::value;
+  const int64_t channels = kChannels > 0 ? kChannels : d.channels;
+  const int64_t row_stride = d.heads * channels;
+  acc_t local_sums[kChannels > 0 ? kChannels : 1];
   for (int64_t bq = begin; bq < end; ++bq) {
     const value_t* value_b = value + (bq / d.num_query) * d.num_value * row_stride;
     for (int64_t m = 0; m < d.heads; ++m) {
       const int64_t bqm = bq * d.heads + m;
       value_t* out_row = out + bqm * channels;
-      acc_t* __restrict__ sum_row = kSumInOutput ? reinterpret_cast<acc_t*>(out_row) : sums;
+      acc_t* __restrict__ sum_row =
+          kChannels > 0 ? local_sums : kSumInOutput ? reinterpret_cast<acc_t*>(out_row) : sums;
       std::fill(sum_row, sum_row + channels, acc_t(0));
       int64_t sample = bqm * d.levels * d.points;
       for (int64_t l = 0; l < d.levels; ++l) {
@@ -118,15 +123,65 @@ MSDA_ALWAYS_INLINE void forward_range(const value_t* value, const int64_t* shape
   }
 }
 
+// Returns <g, v> and adds coef * g to gv, over `channels` channels (kChannels when it is not 0). The dot product
+// is summed in kLanes partial sums, lane j the channels c = j (mod kLanes), then the lanes in a fixed order: the
+// compiler keeps the lanes in a vector register (an OpenMP simd reduction kept them on the stack).
+constexpr int kLanes = 8;
+template <int kChannels, typename acc_t>
+MSDA_ALWAYS_INLINE acc_t dot_and_add(const acc_t* __restrict__ g, const acc_t* __restrict__ v, acc_t coef,
+                                     acc_t* __restrict__ gv, int64_t channels) {
+  if constexpr (kChannels > 0) channels = kChannels;
+  acc_t part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      part[j] += g[c + j] * v[c + j];
+      gv[c + j] += coef * g[c + j];
+    }
+  }
+  for (int j = 0; c < channels; ++c, ++j) {
+    part[j] += g[c] * v[c];
+    gv[c] += coef * g[c];
+  }
+  return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+
+// The row of `channels` values at v in acc_t: v itself, or its elements widened into `widened`. Widened row by row,
+// the compiler vectorises the conversion at full width (element by element inside the dot product it used half).
+template <int kChannels, typename acc_t>
+MSDA_ALWAYS_INLINE const acc_t* as_acc(const acc_t* v, acc_t*, int64_t) {
+  return v;
+}
+template <int kChannels, typename value_t, typename acc_t>
+MSDA_ALWAYS_INLINE const acc_t* as_acc(const value_t* __restrict__ v, acc_t* __restrict__ widened, int64_t channels) {
+  if constexpr (kChannels > 0) channels = kChannels;
+  for (int64_t c = 0; c < channels; ++c) widened[c] = widen(v[c]);
+  return widened;
+}
+
+// Asks the cache for the lines of n elements from p (a hint: a prefetch never faults).
+template <typename T>
+MSDA_ALWAYS_INLINE void prefetch(const T* p, int64_t n) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kPerLine) __builtin_prefetch(p + i);
+}
+// How many queries ahead the backward fetches its inputs.
+constexpr int64_t kQueriesAhead = 4;
+
 // Gradients of the (image, head) pairs in [begin, end); each pair alone adds into its head's grad_value rows.
+// kChannels as in forward_range.
 // grad_out, grad_value (the sums, cast to value_t by the caller), grad_loc and grad_attn in acc_t.
-template <typename value_t, typename acc_t>
+template <int kChannels, typename value_t, typename acc_t>
 MSDA_ALWAYS_INLINE void backward_range(const value_t* value, const int64_t* shapes, const int64_t* starts,
                                        const acc_t* loc, const acc_t* attn, const acc_t* grad_out,
                                        acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Dims& d,
                                        int64_t begin, int64_t end) {
-  const int64_t row_stride = d.heads * d.channels;
-  const int64_t channels = d.channels;
+  const int64_t channels = kChannels > 0 ? kChannels : d.channels;
+  const int64_t row_stride = d.heads * channels;
+  // a value row in acc_t, when value_t is narrower
+  std::vector<acc_t> widened_row(std::is_same<value_t, acc_t>::value || kChannels > 0 ? 0 : channels);
+  acc_t local_row[kChannels > 0 ? kChannels : 1];
+  acc_t* const widened = kChannels > 0 ? local_row : widened_row.data();
   for (int64_t bm = begin; bm < end; ++bm) {
     const int64_t b = bm / d.heads, m = bm % d.heads;
     const int64_t head_offset = b * d.num_value * row_stride + m * channels;
@@ -134,6 +189,13 @@ MSDA_ALWAYS_INLINE void backward_range(const value_t* value, const int64_t* shap
       const int64_t bqm = (b * d.num_query + q) * d.heads + m;
       const acc_t* __restrict__ g = grad_out + bqm * channels;
       int64_t sample = bqm * d.levels * d.points;
+      if (q + kQueriesAhead < d.num_query) {
+        // the inputs of a later query: the rows of successive queries lie d.heads rows apart
+        const int64_t later = kQueriesAhead * d.heads, samples = d.levels * d.points;
+        prefetch(loc + 2 * (sample + later * samples), 2 * samples);
+        prefetch(attn + sample + later * samples, samples);
+        prefetch(g + later * channels, channels);
+      }
       for (int64_t l = 0; l < d.levels; ++l) {
         const int h = static_cast<int>(shapes[2 * l]), w = static_cast<int>(shapes[2 * l + 1]);
         const int64_t level_offset = head_offset + starts[l] * row_stride;
@@ -148,15 +210,9 @@ MSDA_ALWAYS_INLINE void backward_range(const value_t* value, const int64_t* shap
           acc_t d_attn = 0, d_x = 0, d_y = 0;
           for (int k = 0; k < 4; ++k) {
             if (!ok[k]) continue;
-            const value_t* __restrict__ v = value + level_offset + rows[k] * row_stride;
+            const acc_t* v = as_acc<kChannels>(value + level_offset + rows[k] * row_stride, widened, channels);
             acc_t* __restrict__ gv = grad_value + level_offset + rows[k] * row_stride;
-            const acc_t coef = a * cw.w[k];
-            acc_t dot = 0;  // <grad_out, corner value>
-#pragma omp simd reduction(+ : dot)
-            for (int64_t c = 0; c < channels; ++c) {
-              dot += g[c] * widen(v[c]);
-              gv[c] += coef * g[c];
-            }
+            const acc_t dot = dot_and_add<kChannels>(g, v, a * cw.w[k], gv, channels);  // <grad_out, corner value>
             d_attn += cw.w[k] * dot;
             d_x += cw.dx[k] * dot;
             d_y += cw.dy[k] * dot;
@@ -171,25 +227,44 @@ MSDA_ALWAYS_INLINE void backward_range(const value_t* value, const int64_t* shap
   }
 }
 
-// The ranges of each (value_t, acc_t) pair, compiled for each target of MSDA_CPU_CLONES.
-#define MSDA_CPU_RANGES(value_t, acc_t)                                                                            \
-  MSDA_CPU_CLONES void forward_range_of(const value_t* value, const int64_t* shapes, const int64_t* starts,        \
-                                        const acc_t* loc, const acc_t* attn, value_t* out, acc_t* sums,            \
-                                        const Dims& d, int64_t begin, int64_t end) {                               \
-    forward_range<value_t, acc_t>(value, shapes, starts, loc, attn, out, sums, d, begin, end);                     \
+// A compile-time channel count (kChannels above) as a tag type; 0: the count is read at run time.
+template <int kChannels>
+struct Channels {};
+
+// The ranges of each (value_t, acc_t) pair and channel tag, compiled for each target of MSDA_CPU_CLONES.
+#define MSDA_CPU_RANGES(value_t, acc_t, kChannels)                                                                  \
+  MSDA_CPU_CLONES void forward_range_of(Channels<kChannels>, const value_t* value, const int64_t* shapes,          \
+                                        const int64_t* starts, const acc_t* loc, const acc_t* attn, value_t* out,  \
+                                        acc_t* sums, const Dims& d, int64_t begin, int64_t end) {                  \
+    forward_range<kChannels, value_t, acc_t>(value, shapes, starts, loc, attn, out, sums, d, begin, end);          \
   }                                                                                                                 \
-  MSDA_CPU_CLONES void backward_range_of(const value_t* value, const int64_t* shapes, const int64_t* starts,       \
-                                         const acc_t* loc, const acc_t* attn, const acc_t* grad_out,                \
-                                         acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Dims& d,       \
-                                         int64_t begin, int64_t end) {                                              \
-    backward_range<value_t, acc_t>(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn, d, \
-                                   begin, end);                                                                     \
+  MSDA_CPU_CLONES void backward_range_of(Channels<kChannels>, const value_t* value, const int64_t* shapes,        \
+                                         const int64_t* starts, const acc_t* loc, const acc_t* attn,               \
+                                         const acc_t* grad_out, acc_t* grad_value, acc_t* grad_loc,                \
+                                         acc_t* grad_attn, const Dims& d, int64_t begin, int64_t end) {            \
+    backward_range<kChannels, value_t, acc_t>(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc,    \
+                                              grad_attn, d, begin, end);                                           \
   }
-MSDA_CPU_RANGES(float, float)
-MSDA_CPU_RANGES(double, double)
-MSDA_CPU_RANGES(c10::BFloat16, float)
-MSDA_CPU_RANGES(c10::Half, float)
+// 32 channels per head: every configuration of the model zoo (d_model 256, 8 heads)
+#define MSDA_CPU_RANGES_OF_TYPES(kChannels)        \
+  MSDA_CPU_RANGES(float, float, kChannels)         \
+  MSDA_CPU_RANGES(double, double, kChannels)       \
+  MSDA_CPU_RANGES(c10::BFloat16, float, kChannels) \
+  MSDA_CPU_RANGES(c10::Half, float, kChannels)
+MSDA_CPU_RANGES_OF_TYPES(0)
+MSDA_CPU_RANGES_OF_TYPES(32)
+#undef MSDA_CPU_RANGES_OF_TYPES
 #undef MSDA_CPU_RANGES
+
+// Calls f(Channels<32>{}) for 32 channels, else f(Channels<0>{}).
+template <typename F>
+void with_channels(int64_t channels, F&& f) {
+  if (channels == 32) {
+    f(Channels<32>{});
+  } else {
+    f(Channels<0>{});
+  }
+}
 
 void require_cpu(const at::Tensor& value) {
   TORCH_CHECK(value.device().is_cpu(), "MultiScaleDeformableAttentionCPU runs on CPU tensors only");
@@ -208,12 +283,14 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // one task per (image, query)
-    at::parallel_for(0, d.batch * d.num_query, 8, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sums(d.channels);
-      forward_range_of(value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                       starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
-                       attn_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), sums.data(), d, begin,
-                       end);
+    with_channels(d.channels, [&](auto channels) {
+      at::parallel_for(0, d.batch * d.num_query, 8, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> sums(d.channels);
+        forward_range_of(channels, value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                         starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
+                         attn_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), sums.data(), d, begin,
+                         end);
+      });
     });
   });
   return output;
@@ -241,12 +318,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
       // one task per (image, head)
-      at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
-        backward_range_of(value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                          starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
-                          attn_c.const_data_ptr<acc_t>(), grad_out_c.const_data_ptr<acc_t>(),
-                          grad_value_acc.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
-                          grad_attn.mutable_data_ptr<acc_t>(), d, begin, end);
+      with_channels(d.channels, [&](auto channels) {
+        at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+          backward_range_of(channels, value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                            starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
+                            attn_c.const_data_ptr<acc_t>(), grad_out_c.const_data_ptr<acc_t>(),
+                            grad_value_acc.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
+                            grad_attn.mutable_data_ptr<acc_t>(), d, begin, end);
+        });
       });
     });
   }
