@@ -221,12 +221,26 @@ def test_detections_and_losses_are_close_to_fp32(trained, precision):
 
 
 def test_a_float32_checkpoint_evaluated_in_bf16_and_fp16_keeps_its_ap(trained):
-    reference = evaluate(trained, "fp32")["coco_eval_bbox"]
+    """The fixture's model trained on to 100 steps (AP about 0.6, confident detections) keeps its AP and AP50 in
+    bf16 and fp16 within 0.005 (the demo checkpoint's figure, docs/mixed-precision.md) or one step of this tiny
+    set's AP, whichever is larger. COCO's AP is the mean over the categories present of their AP averaged over 10
+    IoU thresholds; with one or two objects per category, one box crossing one threshold moves AP by about
+    1 / (10 categories) (0.017 here). A rounding may cause one such crossing (after 60 steps one of the float32
+    models that the training's roundings lead to lost 0.024 AP in bf16; after 80 to 150 steps, on one and two
+    threads, bf16 and fp16 gave fp32's AP exactly or within one step)."""
+    model, criterion, post, args, dataset, batch = trained
+    model = copy.deepcopy(model).train()
+    optimizer, _ = build_optimizer(args, model)
+    engine.train_one_epoch(model, criterion, [batch] * 40, optimizer, "cpu", 0, args.clip_max_norm, print_freq=1000)
+    confident = (model.eval(), criterion, post, args, dataset, batch)
+    categories = len({int(label) for target in batch[1] for label in target["labels"]})
+    allowed = max(0.005, 1 / (10 * categories))
+    reference = evaluate(confident, "fp32")["coco_eval_bbox"]
     assert reference[0] > 0.3, f"AP {reference[0]}: the model is not trained enough for the comparison"
     for precision in REDUCED:
-        stats = evaluate(trained, precision)
-        assert abs(stats["coco_eval_bbox"][0] - reference[0]) <= 0.005, precision
-        assert abs(stats["coco_eval_bbox"][1] - reference[1]) <= 0.005, precision
+        stats = evaluate(confident, precision)
+        assert abs(stats["coco_eval_bbox"][0] - reference[0]) <= allowed, precision
+        assert abs(stats["coco_eval_bbox"][1] - reference[1]) <= allowed, precision
         assert math.isfinite(stats["loss"])
 
 
