@@ -42,7 +42,7 @@ def test_without_a_gpu_it_stops_with_a_clear_message(tmp_path):
 
 def test_smoke_runs_every_step_on_the_cpu(tmp_path):
     report = tmp_path / "smoke" / "report.txt"
-    result = run(["--smoke", str(report)], tmp_path, 240)
+    result = run(["--smoke", str(report)], tmp_path, 360)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     status = summary(report)
     assert all(status[name] == "ok" for name in STEPS), status

@@ -79,9 +79,10 @@ def test_opcheck_on_cuda(dtype):
                           (value.to(dtype), shapes, starts, locations.to(dtype), weights.to(dtype), grad_output, 64))
 
 
-@pytest.mark.parametrize("channels", [2, 32])
-def test_gradcheck_of_the_cpu_kernel_in_float64(cpu_op, channels):
-    value, shapes, starts, locations, weights = op_inputs(n=2, num_queries=3, channels=channels)
+def test_gradcheck_of_the_cpu_kernel_in_float64(cpu_op):
+    """At 2 channels (the run-time channel count); the 32-channel kernels are held to the gradchecked PyTorch path
+    by test_op_equals_the_pytorch_path_with_its_gradients."""
+    value, shapes, starts, locations, weights = op_inputs(n=2, num_queries=3, channels=2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
     assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_compiled(v, shapes, starts, loc, w, 1), inputs,
                                     eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -93,7 +94,7 @@ KERNEL_CHANNELS = [3, 19, 32]
 
 
 @pytest.mark.parametrize("channels", KERNEL_CHANNELS)
-def test_op_and_its_gradients_equal_the_pytorch_path(cpu_op, channels):
+def test_op_equals_the_pytorch_path_with_its_gradients(cpu_op, channels):
     """In float64 the kernels agree with the PyTorch path (gradchecked in test_ms_deform_attn.py) to rounding, in
     the output and in the gradients of value, locations and weights; locations reach past every border."""
     value, shapes, starts, locations, weights = op_inputs(num_queries=6, heads=3, channels=channels, points=3)

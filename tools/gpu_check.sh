@@ -9,9 +9,9 @@
 #   (tools/benchmark.py --amp); the op benchmark.
 #
 #   bash tools/gpu_check.sh [REPORT]            # default REPORT: $OUT/gpu_check_report.txt if $OUT is set, else ./
-#   bash tools/gpu_check.sh --smoke [REPORT]    # the same steps on the CPU with a tiny model, in under 3 minutes
+#   bash tools/gpu_check.sh --smoke [REPORT]    # the same steps on the CPU with a tiny model, in under 5 minutes
 #
-# Each step may use what is left of the budget (GPU_CHECK_BUDGET seconds, default 480; --smoke 170) and is skipped
+# Each step may use what is left of the budget (GPU_CHECK_BUDGET seconds, default 480; --smoke 300) and is skipped
 # once it is spent. Runs in the repository root; uses .venv/bin/python when it exists (PYTHON overrides). Exit
 # status 0 when every step passed or was skipped for a stated reason, 1 when one failed or the budget ran out
 # before it, 2 without a GPU (not --smoke).
@@ -30,7 +30,7 @@ case "$PY" in
     *) PY=$(command -v "$PY") ;;
 esac
 if [ $SMOKE = 1 ]; then
-    BUDGET=${GPU_CHECK_BUDGET:-170}
+    BUDGET=${GPU_CHECK_BUDGET:-300}
 else
     BUDGET=${GPU_CHECK_BUDGET:-480}
 fi
