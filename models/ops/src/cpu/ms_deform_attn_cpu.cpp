@@ -76,24 +76,25 @@ struct CornerWeights {
 };
 
 // Output rows of the (image, query) pairs in [begin, end); each pair writes its own rows only. kChannels: the
-// channel count when it is known at compile time, else 0 (d.channels). `sums` holds d.channels acc_t: the row's
-// sums when kChannels is 0 and value_t is narrower than acc_t, unused otherwise.
+// channel count when it is known at compile time, else 0 (d.channels).
 template <int kChannels, typename value_t, typename acc_t>
 MSDA_ALWAYS_INLINE void forward_range(const value_t* value, const int64_t* shapes, const int64_t* starts,
-                                      const acc_t* loc, const acc_t* attn, value_t* out, acc_t* sums, const Dims& d,
+                                      const acc_t* loc, const acc_t* attn, value_t* out, const Dims& d,
                                       int64_t begin, int64_t end) {
-  // with the channel count known, the sums live in a local array (registers); else in out or in sums
+  // a row's sums: with the channel count known, a local array (registers); else the output row itself when it is
+  // acc_t, or a row of acc_t
   constexpr bool kSumInOutput = kChannels == 0 && std::is_same<value_t, acc_t>::value;
   const int64_t channels = kChannels > 0 ? kChannels : d.channels;
   const int64_t row_stride = d.heads * channels;
   acc_t local_sums[kChannels > 0 ? kChannels : 1];
+  std::vector<acc_t> sums(kChannels > 0 || kSumInOutput ? 0 : channels);
   for (int64_t bq = begin; bq < end; ++bq) {
     const value_t* value_b = value + (bq / d.num_query) * d.num_value * row_stride;
     for (int64_t m = 0; m < d.heads; ++m) {
       const int64_t bqm = bq * d.heads + m;
       value_t* out_row = out + bqm * channels;
       acc_t* __restrict__ sum_row =
-          kChannels > 0 ? local_sums : kSumInOutput ? reinterpret_cast<acc_t*>(out_row) : sums;
+          kChannels > 0 ? local_sums : kSumInOutput ? reinterpret_cast<acc_t*>(out_row) : sums.data();
       std::fill(sum_row, sum_row + channels, acc_t(0));
       int64_t sample = bqm * d.levels * d.points;
       for (int64_t l = 0; l < d.levels; ++l) {
@@ -235,8 +236,8 @@ struct Channels {};
 #define MSDA_CPU_RANGES(value_t, acc_t, kChannels)                                                                  \
   MSDA_CPU_CLONES void forward_range_of(Channels<kChannels>, const value_t* value, const int64_t* shapes,          \
                                         const int64_t* starts, const acc_t* loc, const acc_t* attn, value_t* out,  \
-                                        acc_t* sums, const Dims& d, int64_t begin, int64_t end) {                  \
-    forward_range<kChannels, value_t, acc_t>(value, shapes, starts, loc, attn, out, sums, d, begin, end);          \
+                                        const Dims& d, int64_t begin, int64_t end) {                               \
+    forward_range<kChannels, value_t, acc_t>(value, shapes, starts, loc, attn, out, d, begin, end);                \
   }                                                                                                                 \
   MSDA_CPU_CLONES void backward_range_of(Channels<kChannels>, const value_t* value, const int64_t* shapes,        \
                                          const int64_t* starts, const acc_t* loc, const acc_t* attn,               \
@@ -285,11 +286,9 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
     // one task per (image, query)
     with_channels(d.channels, [&](auto channels) {
       at::parallel_for(0, d.batch * d.num_query, 8, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> sums(d.channels);
         forward_range_of(channels, value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                          starts.const_data_ptr<int64_t>(), loc_c.const_data_ptr<acc_t>(),
-                         attn_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), sums.data(), d, begin,
-                         end);
+                         attn_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), d, begin, end);
       });
     });
   });
