@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install (once) and run the test suite; extra arguments go to pytest (e.g. -k parity).
+# The tests run in TEST_WORKERS processes (pytest-xdist; default: the CPU count, at most 4; 0: in this process).
 # The optional packages the tests exercise (ONNX export and onnxruntime, figures, TensorBoard, Segment Anything) are
 # installed too; INSTALL_OPTIONAL=0 leaves them out (their tests then skip). OPTIONAL_SPEC: the releases this project
 # is tested with.
@@ -20,4 +21,10 @@ if [ "${INSTALL_OPTIONAL:-1}" != 0 ] && ! .venv/bin/python -c "import sam2.build
     SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         --no-build-isolation $SAM2_SPEC || echo "sam2 was not installed: its test skips"
 fi
-.venv/bin/python -m pytest -q tests "$@"
+# each test uses one thread (tests/conftest.py), so a process per core; 4 keep the peak memory near 12 GiB
+WORKERS=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+if [ "$WORKERS" -gt 0 ]; then
+    .venv/bin/python -m pytest -q -n "$WORKERS" --dist worksteal tests "$@"
+else
+    .venv/bin/python -m pytest -q tests "$@"
+fi
