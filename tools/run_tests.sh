@@ -6,6 +6,12 @@
 # is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# each test uses one thread (tests/conftest.py), so a process per core (2 cores: at most 7.6 GiB in use)
+WORKERS=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+case "$WORKERS" in
+    '' | *[!0-9]*) echo "TEST_WORKERS: expected a number of processes (0: none besides this one), got '$WORKERS'" >&2
+                   exit 2 ;;
+esac
 bash tools/install.sh
 OPTIONAL_SPEC=${OPTIONAL_SPEC:-"onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0 matplotlib
                tensorboard segment-anything==1.0"}
@@ -21,8 +27,6 @@ if [ "${INSTALL_OPTIONAL:-1}" != 0 ] && ! .venv/bin/python -c "import sam2.build
     SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         --no-build-isolation $SAM2_SPEC || echo "sam2 was not installed: its test skips"
 fi
-# each test uses one thread (tests/conftest.py), so a process per core; 4 keep the peak memory near 12 GiB
-WORKERS=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
 if [ "$WORKERS" -gt 0 ]; then
     .venv/bin/python -m pytest -q -n "$WORKERS" --dist worksteal tests "$@"
 else
