@@ -37,12 +37,12 @@ def test_default_is_a_process_per_core_at_most_four(tree, workers):
     result = run(tree, workers, "-k", "parity")
     assert result.returncode == 0, result.stderr
     cores = int(subprocess.run(["nproc"], env=environment(), capture_output=True, text=True).stdout)
-    command = f"python -m pytest -q -n {min(cores, 4)} --dist worksteal tests -k parity"
+    command = f"python -m pytest -q -n {min(cores, 4)} --dist loadscope tests -k parity"
     assert result.stdout.splitlines()[-1] == command
 
 
 @pytest.mark.parametrize("workers, command", [
-    ("3", "python -m pytest -q -n 3 --dist worksteal tests"),
+    ("3", "python -m pytest -q -n 3 --dist loadscope tests"),
     ("0", "python -m pytest -q tests"),
 ])
 def test_test_workers_sets_the_processes(tree, workers, command):

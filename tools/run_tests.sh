@@ -6,7 +6,8 @@
 # is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# each test uses one thread (tests/conftest.py), so a process per core (2 cores: at most 7.6 GiB in use)
+# each test uses one thread (tests/conftest.py), so a process per core (2 cores: at most 7.6 GiB in use); a
+# module's tests go to one process, which makes its module-scoped fixtures once
 WORKERS=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
 case "$WORKERS" in
     '' | *[!0-9]*) echo "TEST_WORKERS: expected a number of processes (0: none besides this one), got '$WORKERS'" >&2
@@ -28,7 +29,7 @@ if [ "${INSTALL_OPTIONAL:-1}" != 0 ] && ! .venv/bin/python -c "import sam2.build
         --no-build-isolation $SAM2_SPEC || echo "sam2 was not installed: its test skips"
 fi
 if [ "$WORKERS" -gt 0 ]; then
-    .venv/bin/python -m pytest -q -n "$WORKERS" --dist worksteal tests "$@"
+    .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadscope tests "$@"
 else
     .venv/bin/python -m pytest -q tests "$@"
 fi
