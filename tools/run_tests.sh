@@ -6,7 +6,7 @@
 # is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# each test uses one thread (tests/conftest.py), so a process per core (2 cores: at most 7.6 GiB in use); a
+# each test uses one thread (tests/conftest.py), so a process per core (2 cores: under 7 GiB in use); a
 # module's tests go to one process, which makes its module-scoped fixtures once
 WORKERS=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
 case "$WORKERS" in
