@@ -1,6 +1,8 @@
 """tools/benchmark.py: timing as evaluation runs the model, inputs from the dataset or of a given size, errors."""
+import json
 import re
 import runpy
+import statistics
 import sys
 
 import pytest
@@ -187,3 +189,78 @@ def test_the_fp16_training_step_scales_the_loss():
     TOOL["measure_training"](model, criterion, images, targets, torch.device("cpu"), 1, 0, "fp16")
     # the gradient reaching the weights is the scaled loss's: 2^16 times fp32's, within fp16 rounding
     assert grads[1] == pytest.approx(2.0 ** 16 * grads[0], rel=0.05)
+
+
+# --------------------------------------------------------------------------- --compare and --json
+
+
+def test_json_holds_the_printed_figures(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    step = TOOL["main"](["--train", "--image_size", "96", "112", "--num_iters", "3", "--warm_iters", "1", "--json",
+                         str(path), *FLAGS])
+    figures = json.loads(path.read_text())
+    assert figures["amp"] == "fp32" and figures["device"] == "cpu" and len(figures["times_ms"]) == 2
+    assert statistics.median(figures["times_ms"]) == pytest.approx(1000 * step)
+    printed = re.search(r"step ([\d.]+) ms \(process CPU time ([\d.]+) ms\); peak memory (\d+) MiB",
+                        capsys.readouterr().out)
+    assert float(printed[1]) == pytest.approx(statistics.median(figures["times_ms"]), abs=0.05)
+    assert float(printed[2]) == pytest.approx(statistics.median(figures["cpu_ms"]), abs=0.05)
+    assert int(printed[3]) == round(figures["peak_mib"])
+
+
+def test_compare_alternates_the_precisions_and_reports_the_ratios(capsys):
+    runs = []
+    figures = {"fp32": [[100.0, 300.0, 200.0], [210.0, 190.0]], "bf16": [[90.0, 110.0], [60.0, 160.0, 80.0]]}
+    peaks = {"fp32": [1000.0, 1100.0], "bf16": [800.0, 770.0]}
+
+    def fake_run(argv, json_path, label):
+        amp = argv[argv.index("--amp") + 1]
+        round_index = sum(1 for a, _ in runs if a == amp)
+        runs.append((amp, argv))
+        return {"times_ms": figures[amp][round_index], "cpu_ms": [1.0], "peak_mib": peaks[amp][round_index]}, \
+            ["a warning", ""]
+
+    args, rest = TOOL["benchmark_args_parser"]().parse_known_args(
+        ["--train", "--image_size", "64", "80", "--image_size", "72", "64", "--num_iters", "4", "--warm_iters", "1",
+         "--threads", "1", "--compare", "fp32", "bf16", "--rounds", "2", *FLAGS])
+    summary = TOOL["compare_precisions"](args, rest, run=fake_run)
+    assert [amp for amp, _ in runs] == ["fp32", "bf16", "fp32", "bf16"]  # alternated
+    options = ["--num_iters", "4", "--warm_iters", "1", "--boxes", "10", "--threads", "1", "--image_size", "64", "80",
+               "--image_size", "72", "64", "--train", *FLAGS]
+    assert all(argv == options + ["--amp", amp] for amp, argv in runs)
+    # medians of the runs: fp32 200, 200; bf16 100, 80
+    assert summary == {"fp32": 200.0, "bf16": 90.0}
+    out, err = capsys.readouterr()
+    assert err.count("a warning") == 1  # a run's message is passed on once
+    lines = out.splitlines()
+    assert lines[0].startswith("benchmark: training step in fp32, bf16, 2 rounds, each run a fresh process; CPU ")
+    assert "round 2 bf16: 80.0 ms (process CPU time 1.0 ms), peak memory 770 MiB" in lines
+    assert lines[-3].split() == ["fp32", "200.0", "200.0", "200.0", "1.00", "1100", "1.00"]
+    assert lines[-2].split() == ["bf16", "100.0", "80.0", "90.0", "0.45", "800", "0.73"]
+    assert lines[-1] == "bf16 / fp32 per round: 0.50, 0.40"
+
+
+def test_compare_runs_each_precision_in_its_own_process(capsys):
+    summary = TOOL["main"](["--image_size", "96", "112", "--num_iters", "2", "--warm_iters", "1", "--threads", "1",
+                            "--compare", "fp32", "bf16", "--rounds", "1", *FLAGS])
+    assert set(summary) == {"fp32", "bf16"} and all(ms > 0 for ms in summary.values())
+    out = capsys.readouterr().out
+    assert re.search(r"^round 1 bf16: [\d.]+ ms", out, re.M) and "bf16 / fp32 per round: " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "fp32", "fp32"], "lists a precision twice"),
+    (["--compare", "fp32", "bf16", "--rounds", "0"], "--rounds must be positive"),
+    (["--compare", "fp32", "bf16", "--amp", "bf16"], "leave out --amp"),
+    (["--compare", "fp32", "fp16", "--use_fp16"], "leave out --amp"),
+    (["--compare", "fp32", "bf16", "--profile", "1"], "one run at a time"),
+])
+def test_compare_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        TOOL["main"](["--image_size", "64", "64", *FLAGS, *argv])
+
+
+def test_a_failed_run_of_compare_names_it(tmp_path):
+    with pytest.raises(RuntimeError, match=r"the round 1 fp32 run failed \(exit status 1\): benchmark: .*batch_size"):
+        TOOL["_run_in_process"](["--image_size", "64", "64", "--batch_size", "-1", *FLAGS], tmp_path / "r.json",
+                                "round 1 fp32")

@@ -3,7 +3,8 @@
 
     python tools/benchmark.py [--num_iters 300] [--warm_iters 5] [--batch_size 1] [--resume CKPT]
                               [--image_size H W [--image_size H W ...]] [--threads N] [--config configs/...sh]
-                              [--train [--boxes 10]] [--amp fp32|bf16|fp16] [--profile N] [main.py flags]
+                              [--train [--boxes 10]] [--amp fp32|bf16|fp16] [--profile N] [--json FILE]
+                              [--compare fp32 bf16 [fp16] [--rounds 3]] [main.py flags]
 
 Inference times the model in eval mode (one-to-one queries) on the first validation image of --coco_path (as
 upstream's benchmark.py), or with --image_size a random image of that size, which needs no dataset. Upstream's
@@ -19,11 +20,18 @@ autocast as training and evaluation do (util.amp: losses in float32, fp16's loss
 iterations under torch.profiler and prints the operators taking the most CPU time (self time) and how much of it
 went to casts and copies (aten::copy_, aten::to). The first line names the CPU capability and whether bf16 and fp16
 are native on this CPU.
+
+--compare fp32 bf16 [fp16] times the same run (same weights, inputs and flags) in each precision, each run a fresh
+process, the precisions alternated for --rounds rounds, and prints each one's median time, peak memory and their
+ratios to the first precision's. --json FILE writes a run's figures as JSON.
 """
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +44,7 @@ from main import num_classes_of  # noqa: E402
 from models import build_model  # noqa: E402
 from models.criterion import weighted_losses  # noqa: E402
 from util import amp as mixed_precision  # noqa: E402
-from util.arguments import check_args, check_device, get_args_parser  # noqa: E402
+from util.arguments import AMP_MODES, check_args, check_device, get_args_parser  # noqa: E402
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
@@ -64,6 +72,11 @@ def benchmark_args_parser():
                         help="after the timing, profile N more iterations (torch.profiler) and print the top "
                              "operators by self CPU time, with the share of casts and copies")
     parser.add_argument("--profile_rows", type=int, default=15, help="operators listed by --profile")
+    parser.add_argument("--compare", nargs="+", choices=AMP_MODES, default=None, metavar="PRECISION",
+                        help="time the run in each of these precisions (fp32, bf16, fp16), each a fresh process, "
+                             "alternated for --rounds rounds; print the medians and their ratios to the first's")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the run's figures to FILE as JSON")
     return parser
 
 
@@ -216,6 +229,90 @@ def print_profile(run, iterations, rows, device):
     print(f"casts and copies per iteration: {calls or 'none'} calls; {100 * share:.1f}% of the self CPU time")
 
 
+def _run_options(args):
+    """The command-line options of this tool that define a run (what --compare gives each of its runs)."""
+    options = ["--num_iters", str(args.num_iters), "--warm_iters", str(args.warm_iters), "--boxes", str(args.boxes)]
+    for name in ("batch_size", "resume", "config", "threads"):
+        if getattr(args, name) is not None:
+            options += [f"--{name}", str(getattr(args, name))]
+    for height, width in args.image_size or []:
+        options += ["--image_size", str(height), str(width)]
+    return options + (["--train"] if args.train else [])
+
+
+def _run_in_process(argv, json_path, label):
+    """Run this tool with argv in a fresh Python process; its figures (read from json_path) and stderr lines."""
+    Path(json_path).unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--json", str(json_path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"the {label} run failed (exit status {done.returncode}): {last}")
+    return json.loads(Path(json_path).read_text()), done.stderr.splitlines()
+
+
+def compare_precisions(args, rest, run=_run_in_process):
+    """Time the run of `args` / `rest` in each precision of args.compare, one fresh process per run (the same
+    seed, hence the same weights and inputs), the precisions alternated for args.rounds rounds. Prints each
+    run's median, then per precision the median of the rounds' medians, the largest peak memory, and both as a
+    ratio of the first precision's. Returns {precision: median ms}."""
+    precisions = args.compare
+    if len(set(precisions)) != len(precisions):
+        raise ValueError(f"--compare lists a precision twice: {' '.join(precisions)}")
+    if args.rounds <= 0:
+        raise ValueError(f"--rounds must be positive, got {args.rounds}")
+    if args.profile or args.json:
+        raise ValueError("--compare runs several processes: profile (--profile) or write --json one run at a time")
+    model_args = main_arguments(get_args_parser(), rest, args.config)
+    if model_args.use_fp16 or model_args.amp != "fp32":
+        raise ValueError("--compare sets each run's precision: leave out --amp / --use_fp16")
+    check_args(model_args)
+    check_device(model_args)
+    what = "training step" if args.train else "inference pass"
+    print(f"benchmark: {what} in {', '.join(precisions)}, {args.rounds} rounds, each run a fresh process; "
+          f"{mixed_precision.cpu_precision_summary()}", flush=True)
+    for amp in precisions:
+        mixed_precision.warn_if_slow(torch.device(model_args.device), amp, training=args.train)
+    medians = {amp: [] for amp in precisions}
+    peaks = {amp: [] for amp in precisions}
+    warned = set()
+    with tempfile.TemporaryDirectory() as folder:
+        for round_index in range(1, args.rounds + 1):
+            for amp in precisions:
+                label = f"round {round_index} {amp}"
+                figures, stderr = run([*_run_options(args), *rest, "--amp", amp], Path(folder) / "run.json", label)
+                for line in stderr:
+                    if line.strip() and line not in warned:
+                        warned.add(line)
+                        print(line, file=sys.stderr)
+                medians[amp].append(statistics.median(figures["times_ms"]))
+                peaks[amp].append(figures["peak_mib"])
+                print(f"{label}: {medians[amp][-1]:.1f} ms (process CPU time "
+                      f"{statistics.median(figures['cpu_ms']):.1f} ms), peak memory {figures['peak_mib']:.0f} MiB",
+                      flush=True)
+    first = precisions[0]
+    summary = {amp: statistics.median(medians[amp]) for amp in precisions}
+    print(f"{what}, median of each run's timed iterations (ms); peak memory the largest of the rounds (MiB):")
+    print(f"  {'':9}" + "".join(f"{f'round {r}':>10}" for r in range(1, args.rounds + 1))
+          + f"{'median':>10}{f'x {first}':>9}{'peak':>8}{f'x {first}':>9}")
+    for amp in precisions:
+        print(f"  {amp:9}" + "".join(f"{ms:10.1f}" for ms in medians[amp])
+              + f"{summary[amp]:10.1f}{summary[amp] / summary[first]:9.2f}"
+              + f"{max(peaks[amp]):8.0f}{max(peaks[amp]) / max(peaks[first]):9.2f}")
+    for amp in precisions[1:]:
+        ratios = ", ".join(f"{ms / base:.2f}" for ms, base in zip(medians[amp], medians[first]))
+        print(f"{amp} / {first} per round: {ratios}")
+    return summary
+
+
+def _write_json(path, amp, device, times, cpu_times, peak):
+    """A run's figures for --json: each timed iteration and its process CPU time (ms), the peak memory (MiB)."""
+    figures = {"amp": amp, "device": str(device), "threads": torch.get_num_threads(),
+               "times_ms": [1000 * t for t in times], "cpu_ms": [1000 * t for t in cpu_times],
+               "peak_mib": peak / 2 ** 20}
+    Path(path).write_text(json.dumps(figures, indent=1) + "\n")
+
+
 def main(argv=None):
     args, rest = benchmark_args_parser().parse_known_args(argv)
     if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
@@ -233,6 +330,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.profile < 0 or args.profile_rows <= 0:
         raise ValueError(f"need --profile >= 0 and --profile_rows > 0, got {args.profile} and {args.profile_rows}")
+    if args.compare:
+        return compare_precisions(args, rest)
     model_args = main_arguments(get_args_parser(), rest, args.config)
     check_args(model_args)
     check_device(model_args)
@@ -254,6 +353,7 @@ def main(argv=None):
     else:
         num_classes = model_args.num_classes or 91
         images, targets = random_batch(args.image_size, batch_size, args.boxes, num_classes, device)
+    torch.manual_seed(model_args.seed)  # the same random weights in every run (of --compare too)
     model, criterion, _ = build_model(model_args)
     if args.resume:
         load_model_state(model, evaluation_weights(load_checkpoint(args.resume))[0], args.resume, model_args)
@@ -270,6 +370,8 @@ def main(argv=None):
               f"forward {_ms(times['forward'])} ms, loss {_ms(times['loss'])} ms, backward "
               f"{_ms(times['backward'])} ms, step {_ms(steps)} ms (process CPU time {_ms(times['cpu'])} ms); "
               f"peak memory {peak / 2 ** 20:.0f} MiB")
+        if args.json:
+            _write_json(args.json, amp, device, steps, times["cpu"], peak)
         if args.profile:
             print_profile(lambda: measure_training(model, criterion, images, targets, device, 1, 0, amp),
                           args.profile, args.profile_rows, device)
@@ -280,10 +382,13 @@ def main(argv=None):
     peak.reset()
     cpu_times = []
     times = measure(model, inputs, device, args.num_iters, args.warm_iters, amp, cpu_times)
+    peak_bytes = peak.read()
     mean = statistics.fmean(times)
     print(f"input {batch_size} x {tuple(images[0].shape)} on {where}, {amp}, {len(times)} timed passes: "
           f"{1000 * mean:.1f} ms per pass (median {1000 * statistics.median(times):.1f} ms, process CPU time "
-          f"{_ms(cpu_times)} ms); peak memory {peak.read() / 2 ** 20:.0f} MiB")
+          f"{_ms(cpu_times)} ms); peak memory {peak_bytes / 2 ** 20:.0f} MiB")
+    if args.json:
+        _write_json(args.json, amp, device, times, cpu_times, peak_bytes)
     fps = batch_size / mean
     print(f"Inference Speed: {fps:.1f} FPS")
     if args.profile:
