@@ -223,7 +223,8 @@ def test_compare_alternates_the_precisions_and_reports_the_ratios(capsys):
     args, rest = TOOL["benchmark_args_parser"]().parse_known_args(
         ["--train", "--image_size", "64", "80", "--image_size", "72", "64", "--num_iters", "4", "--warm_iters", "1",
          "--threads", "1", "--compare", "fp32", "bf16", "--rounds", "2", *FLAGS])
-    summary = TOOL["compare_precisions"](args, rest, run=fake_run)
+    model_args = TOOL["main_arguments"](TOOL["get_args_parser"](), rest)
+    summary = TOOL["compare_precisions"](args, rest, model_args, run=fake_run)
     assert [amp for amp, _ in runs] == ["fp32", "bf16", "fp32", "bf16"]  # alternated
     options = ["--num_iters", "4", "--warm_iters", "1", "--boxes", "10", "--threads", "1", "--image_size", "64", "80",
                "--image_size", "72", "64", "--train", *FLAGS]

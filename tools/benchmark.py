@@ -251,11 +251,12 @@ def _run_in_process(argv, json_path, label):
     return json.loads(Path(json_path).read_text()), done.stderr.splitlines()
 
 
-def compare_precisions(args, rest, run=_run_in_process):
-    """Time the run of `args` / `rest` in each precision of args.compare, one fresh process per run (the same
-    seed, hence the same weights and inputs), the precisions alternated for args.rounds rounds. Prints each
-    run's median, then per precision the median of the rounds' medians, the largest peak memory, and both as a
-    ratio of the first precision's. Returns {precision: median ms}."""
+def compare_precisions(args, rest, model_args, run=_run_in_process):
+    """Time the run of `args` / `rest` (main.py's flags, parsed and checked: `model_args`) in each precision of
+    args.compare, one fresh process per run (the same seed, hence the same weights and inputs), the precisions
+    alternated for args.rounds rounds. Prints each run's median, then per precision the median of the rounds'
+    medians, the largest peak memory, and both as a ratio of the first precision's. Returns {precision: median
+    ms}."""
     precisions = args.compare
     if len(set(precisions)) != len(precisions):
         raise ValueError(f"--compare lists a precision twice: {' '.join(precisions)}")
@@ -263,11 +264,8 @@ def compare_precisions(args, rest, run=_run_in_process):
         raise ValueError(f"--rounds must be positive, got {args.rounds}")
     if args.profile or args.json:
         raise ValueError("--compare runs several processes: profile (--profile) or write --json one run at a time")
-    model_args = main_arguments(get_args_parser(), rest, args.config)
     if model_args.use_fp16 or model_args.amp != "fp32":
         raise ValueError("--compare sets each run's precision: leave out --amp / --use_fp16")
-    check_args(model_args)
-    check_device(model_args)
     what = "training step" if args.train else "inference pass"
     print(f"benchmark: {what} in {', '.join(precisions)}, {args.rounds} rounds, each run a fresh process; "
           f"{mixed_precision.cpu_precision_summary()}", flush=True)
@@ -276,11 +274,12 @@ def compare_precisions(args, rest, run=_run_in_process):
     medians = {amp: [] for amp in precisions}
     peaks = {amp: [] for amp in precisions}
     warned = set()
+    options = [*_run_options(args), *rest]
     with tempfile.TemporaryDirectory() as folder:
         for round_index in range(1, args.rounds + 1):
             for amp in precisions:
                 label = f"round {round_index} {amp}"
-                figures, stderr = run([*_run_options(args), *rest, "--amp", amp], Path(folder) / "run.json", label)
+                figures, stderr = run([*options, "--amp", amp], Path(folder) / "run.json", label)
                 for line in stderr:
                     if line.strip() and line not in warned:
                         warned.add(line)
@@ -330,11 +329,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.profile < 0 or args.profile_rows <= 0:
         raise ValueError(f"need --profile >= 0 and --profile_rows > 0, got {args.profile} and {args.profile_rows}")
-    if args.compare:
-        return compare_precisions(args, rest)
     model_args = main_arguments(get_args_parser(), rest, args.config)
     check_args(model_args)
     check_device(model_args)
+    if args.compare:
+        return compare_precisions(args, rest, model_args)
     device = torch.device(model_args.device)
     amp = mixed_precision.amp_mode(model_args)
     print(f"benchmark: {'training step' if args.train else 'inference'} in {amp} on {device}"
