@@ -3,17 +3,33 @@ from torch.utils.data import Subset
 
 from .coco import CocoDetection, num_classes_from_annotations  # noqa: F401
 from .coco import build as build_coco
+from .coco_file import check_same_categories as check_coco_categories
 
 SUPPORTED_DATASETS = ("coco",)
 
 
-def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object behind ``dataset`` (looking through ``torch.utils.data.Subset``)."""
+def _coco_dataset(dataset):
+    """The CocoDetection behind ``dataset`` (looking through ``torch.utils.data.Subset``), or None."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    if isinstance(dataset, CocoDetection):
-        return dataset.coco
-    raise TypeError(f"no COCO annotations behind a {type(dataset).__name__}")
+    return dataset if isinstance(dataset, CocoDetection) else None
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind ``dataset`` (looking through ``torch.utils.data.Subset``)."""
+    coco_dataset = _coco_dataset(dataset)
+    if coco_dataset is None:
+        raise TypeError(f"no COCO annotations behind a {type(dataset).__name__}")
+    return coco_dataset.coco
+
+
+def check_same_categories(dataset_train, dataset_val):
+    """A category id that the training and validation annotation files both list has the same name in both (else
+    evaluation scores the model against other categories); an error names both files and the ids. Nothing to
+    compare without a training set (evaluation only)."""
+    train, val = _coco_dataset(dataset_train), _coco_dataset(dataset_val)
+    if train is not None and val is not None:
+        check_coco_categories(train.coco.cats, train.ann_file, val.coco.cats, val.ann_file)
 
 
 def build_dataset(image_set, args):

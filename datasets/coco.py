@@ -85,6 +85,15 @@ def coco_annotations_to_target(annotations, image_id, width, height):
     }
 
 
+def _not_a_file(path):
+    """What is at ``path``, which is no image file: ' (a folder)', ' (a broken link)', ' (not a file)' or ''."""
+    if path.is_dir():
+        return " (a folder)"
+    if path.is_symlink() and not path.exists():
+        return " (a broken link)"
+    return " (not a file)" if path.exists() else ""
+
+
 class CocoDetection(Dataset):
     """Items are (image [3, H, W], target) after ``transforms``; see ``coco_annotations_to_target``.
 
@@ -115,16 +124,19 @@ class CocoDetection(Dataset):
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
 
     def _check_image_files(self, ann_file):
-        """Every listed image exists (found now, not when the loader reaches it an epoch later)."""
-        present = {entry.name for entry in os.scandir(self.img_folder)}  # one listing, cheap even for 118k files
+        """Every listed image is a file (checked now, not when the loader reaches it an epoch later): not missing,
+        not a folder, not a link to nothing."""
+        # one listing, cheap even for 118k files: is_file() takes the listing's file type, stats links only
+        present = {entry.name for entry in os.scandir(self.img_folder) if entry.is_file()}
         missing = [name for name in (self.coco.imgs[i]["file_name"] for i in self.ids)
                    if name not in present and not (self.img_folder / name).is_file()]
         if missing:
             relative_to_parent = [name for name in missing[:5] if (self.img_folder.parent / name).is_file()]
             hint = (f" (found under {self.img_folder.parent} instead: file_name is relative to the image folder "
                     f"{self.img_folder.name}/)") if relative_to_parent else ""
+            examples = ", ".join(name + _not_a_file(self.img_folder / name) for name in missing[:5])
             raise FileNotFoundError(f"{len(missing)} of the {len(self.ids)} images listed in {ann_file} are not in "
-                                    f"{self.img_folder}, e.g. {', '.join(missing[:5])}{hint}")
+                                    f"{self.img_folder}, e.g. {examples}{hint}")
 
     def _check_labels(self, ann_file, num_classes):
         """Every annotation's category id is an output of the classifier (0 .. num_classes - 1)."""

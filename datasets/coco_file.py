@@ -4,6 +4,7 @@ some converters leave out (``area``, ``iscrowd``) are filled in with one warning
 import importlib
 import json
 import math
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -123,6 +124,27 @@ def _duplicates(values, what):
         return None
     text = ", ".join(f"{_short(value)} ({count} times)" for value, count in repeated[:EXAMPLES])
     return f"{what}: {text}" + (f", ... ({len(repeated)} in all)" if len(repeated) > EXAMPLES else "")
+
+
+def _duplicate_file_names(images):
+    """'<what>: "a.jpg" (3 times: images 1, 2 "./a.jpg", 3 "sub/../a.jpg")' for the first few files that several
+    images name, spelled alike or not (compared as normalised paths); None if there are none."""
+    by_file = {}
+    for image in images:
+        if _is_int(image.get("id")) and isinstance(image.get("file_name"), str):
+            by_file.setdefault(os.path.normpath(image["file_name"]), []).append(image)
+    repeated = [(name, group) for name, group in by_file.items() if len(group) > 1]
+    if not repeated:
+        return None
+
+    def listed(name, group):
+        ids = [str(i["id"]) + ("" if i["file_name"] == name else f" {_short(i['file_name'])}") for i in group]
+        shown = ", ".join(ids[:EXAMPLES]) + (", ..." if len(ids) > EXAMPLES else "")
+        return f"{_short(name)} ({len(group)} times: images {shown})"
+
+    text = ", ".join(listed(name, group) for name, group in repeated[:EXAMPLES])
+    return ("file names listed as more than one image (their boxes would be split between the entries): " + text
+            + (f", ... ({len(repeated)} in all)" if len(repeated) > EXAMPLES else ""))
 
 
 def _check_images(images, problems):
@@ -293,8 +315,7 @@ def check_coco_annotations(data, path):
         *category_problems.describe(_plural("category entry", "category entries")),
         *annotation_problems.describe(_plural("annotation", "annotations")),
         _duplicates((i["id"] for i in images if _is_int(i.get("id"))), "image ids used by more than one image"),
-        _duplicates((i["file_name"] for i in images if isinstance(i.get("file_name"), str)),
-                    "file names listed as more than one image (their boxes would be split between the entries)"),
+        _duplicate_file_names(images),
         _duplicates(category_ids, "category ids used by more than one category"),
         _duplicates(annotations_ids, "annotation ids used by more than one annotation (COCO's evaluation tells "
                                      "boxes apart by id)"),
@@ -308,6 +329,22 @@ def check_coco_annotations(data, path):
     _fill_missing_fields(annotations, path)
     _report_boxes_outside(annotations, image_sizes, path)
     return data
+
+
+def check_same_categories(categories, path, other_categories, other_path):
+    """An id in both files' categories ({id: category}, as pycocotools' ``COCO.cats``) has the same name in both;
+    else an error naming both files and the first few ids. An id in one file only is fine (a validation subset may
+    lack categories)."""
+    conflicts = [(i, categories[i].get("name"), other_categories[i].get("name"))
+                 for i in sorted(set(categories) & set(other_categories))
+                 if categories[i].get("name") != other_categories[i].get("name")]
+    if not conflicts:
+        return
+    examples = "; ".join(f"id {i}: {_short(a)} in {Path(path).name}, {_short(b)} in {Path(other_path).name}"
+                         for i, a, b in conflicts[:EXAMPLES])
+    raise ValueError(f"{path} and {other_path} give {len(conflicts)} category ids different names "
+                     f"({examples}{'; ...' if len(conflicts) > EXAMPLES else ''}): a model trained on one is "
+                     "evaluated against the other's categories; give each id the same category in both files")
 
 
 def load_coco_annotations(path):

@@ -1,5 +1,7 @@
 """COCO-format dataset reader, dataset builder, samplers and prefetcher on a tiny synthetic set."""
 import json
+import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import build_dataset, check_same_categories, get_coco_api_from_dataset
 from datasets.coco import CocoDetection, num_classes_from_annotations
 from datasets.data_prefetcher import data_prefetcher
 from datasets.samplers import DistributedSampler, NodeDistributedSampler
@@ -248,6 +250,48 @@ def test_file_names_that_include_the_image_folder_get_a_hint(root_copy):
                                                 r"val2017/.*\(found under .* instead: file_name is relative to the "
                                                 r"image folder val2017/\)"):
         build_dataset("val", make_args(root_copy))
+
+
+def test_a_folder_or_a_broken_link_in_place_of_an_image_is_refused_at_start(root_copy, tmp_path):
+    folder = root_copy / "val2017"
+    names = [image["file_name"] for image in sorted(load_json(root_copy, "val")["images"], key=lambda i: i["id"])]
+    (folder / names[0]).unlink()
+    (folder / names[0]).mkdir()
+    (folder / names[1]).unlink()
+    os.symlink(tmp_path / "nowhere.jpg", folder / names[1])
+    shutil.move(folder / names[2], tmp_path / names[2])  # a link to an image elsewhere is an image
+    os.symlink(tmp_path / names[2], folder / names[2])
+    with pytest.raises(FileNotFoundError, match=rf"^2 of the 3 images listed in .*instances_val2017\.json are not in "
+                                                rf".*val2017, e\.g\. {re.escape(names[0])} \(a folder\), "
+                                                rf"{re.escape(names[1])} \(a broken link\)$"):
+        build_dataset("val", make_args(root_copy))
+    data = load_json(root_copy, "val")
+    data["images"] = [i for i in data["images"] if i["file_name"] == names[2]]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == data["images"][0]["id"]]
+    write_json(root_copy, "val", data)
+    assert build_dataset("val", make_args(root_copy))[0][0].shape[0] == 3
+
+
+def test_category_ids_named_differently_by_the_two_files_are_refused(root_copy):
+    """Training learns the training file's categories; evaluation would score them against other ones."""
+    data = load_json(root_copy, "val")
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    for category in data["categories"]:
+        category["name"] = {2: names[3], 3: names[2]}.get(category["id"], category["name"])
+    write_json(root_copy, "val", data)
+    train, val = build_dataset("train", make_args(root_copy)), build_dataset("val", make_args(root_copy))
+    with pytest.raises(ValueError, match=rf"^.*instances_train2017\.json and .*instances_val2017\.json give 2 "
+                                         rf'category ids different names \(id 2: "{names[2]}" in '
+                                         rf'instances_train2017\.json, "{names[3]}" in instances_val2017\.json; id 3: '
+                                         rf'"{names[3]}" in instances_train2017\.json, "{names[2]}" in '):
+        check_same_categories(Subset(train, [0]), val)
+    check_same_categories(None, val)  # evaluation only: nothing to compare
+    # an id in one file only is fine: a validation file without category 6, with a category 7
+    data["categories"] = [dict(c, name=names[c["id"]]) for c in data["categories"] if c["id"] != 6]
+    data["categories"].append({"id": 7, "name": "star"})
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 6]
+    write_json(root_copy, "val", data)
+    check_same_categories(train, build_dataset("val", make_args(root_copy)))
 
 
 # ------------------------------------------------------------------------------------------ EXIF orientation and modes

@@ -75,7 +75,21 @@ def test_duplicate_image_ids_are_refused_naming_them(tmp_path):
     refused(tmp_path, data, r"image ids used by more than one image: 1 \(2 times\)")
     data = minimal()
     data["images"][1].update(file_name="a.jpg")
-    refused(tmp_path, data, r'file names listed as more than one image .*: "a\.jpg" \(2 times\)')
+    refused(tmp_path, data, r'file names listed as more than one image .*: "a\.jpg" \(2 times: images 1, 2\)$')
+
+
+def test_one_file_spelled_several_ways_is_refused_naming_the_images(tmp_path):
+    """./a.jpg and sub/../a.jpg open a.jpg: its boxes would be split between three entries."""
+    data = minimal()
+    data["images"] += [{"id": 3, "file_name": "./a.jpg", "width": 100, "height": 80},
+                       {"id": 4, "file_name": "sub/../a.jpg", "width": 100, "height": 80},
+                       {"id": 5, "file_name": "sub//b.jpg", "width": 100, "height": 80},
+                       {"id": 6, "file_name": "sub/b.jpg", "width": 100, "height": 80}]
+    refused(tmp_path, data, r'file names listed as more than one image \(their boxes would be split between the '
+                            r'entries\): "a\.jpg" \(3 times: images 1, 3 "\./a\.jpg", 4 "sub/\.\./a\.jpg"\), '
+                            r'"sub/b\.jpg" \(2 times: images 5 "sub//b\.jpg", 6\)$')
+    data["images"] = data["images"][:2] + [dict(data["images"][2], file_name="sub/a.jpg")]  # another file: fine
+    load_coco_annotations(write(tmp_path, data))
 
 
 def test_missing_area_and_iscrowd_are_filled_with_one_warning_and_evaluation_works(tmp_path):

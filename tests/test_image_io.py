@@ -1,18 +1,21 @@
 """The torch-free image path of the ONNX runtime (util.image_io, util.onnx_runtime) against the torch one, and its
-imports: torch never, onnxruntime only when a model is run, with a clear error when it is missing."""
+imports: torch never, onnxruntime only when a model is run, with a clear error when it is missing. Images with a
+corrupt EXIF block."""
+import io
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from model_helpers import ROOT
-from PIL import Image
+from PIL import Image, features
 
 from datasets.transforms import make_coco_transforms
 from models.deformable_detr import PostProcess
-from util.image_io import eval_image_array, pad_batch
+from util.image_io import decode_image, eval_image_array, pad_batch
 from util.misc import nested_tensor_from_tensor_list
 from util.onnx_runtime import OnnxDetector, top_detections
 
@@ -87,3 +90,56 @@ def test_missing_onnx_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match="needs the onnx and onnxscript packages"):
         export_onnx(torch.nn.Identity(), tmp_path / "model.onnx")
+
+
+def quarters(width=32, height=24):
+    """Red, green, blue and black quarters: which way up it is shows after lossy compression."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (255, 0, 0)
+    pixels[: height // 2, width // 2:] = (0, 255, 0)
+    pixels[height // 2:, : width // 2] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def with_exif(image, fmt, exif_bytes):
+    buffer = io.BytesIO()
+    options = {"JPEG": {"quality": 98, "subsampling": 0}, "WEBP": {"lossless": True}}[fmt]
+    image.save(buffer, format=fmt, exif=exif_bytes, **options)
+    return buffer.getvalue()
+
+
+def orientation_6_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise
+    exif[0x0110] = "Model"
+    return exif.tobytes()  # b"Exif\0\0" + a TIFF header (b"MM\0*" or b"II*\0") + entries
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", pytest.param("WEBP", marks=pytest.mark.skipif(
+    not features.check("webp"), reason="Pillow without WebP"))])
+def test_an_unreadable_exif_block_leaves_the_image_as_stored_with_a_warning(fmt):
+    """A TIFF header PIL rejects (SyntaxError inside PIL): the pixels are fine, the orientation unknown."""
+    exif = orientation_6_exif()
+    corrupt = exif[:6] + b"\xf8M" + exif[8:]
+    stored = quarters()
+    with pytest.warns(UserWarning, match=r"image /d/x\.img: cannot read its EXIF block \(SyntaxError: not a TIFF "
+                                         r"file.*using it as stored") as caught:
+        decoded = decode_image(with_exif(stored, fmt, corrupt), "/d/x.img")
+    assert len([w for w in caught if "EXIF" in str(w.message)]) == 1
+    assert decoded.size == (32, 24) and decoded.mode == "RGB"
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(stored, dtype=float)).mean() < 4
+
+
+def test_the_orientation_applies_when_another_exif_entry_is_corrupt():
+    """Model (an ASCII tag) relabelled SMaxSampleValue (a float tag): PIL reads the orientation but cannot write
+    the block back (struct.error in ImageOps.exif_transpose); the orientation is applied, nothing is warned."""
+    exif = orientation_6_exif()
+    tag = exif.index(b"\x01\x10\x00\x02") if exif[6:8] == b"MM" else exif.index(b"\x10\x01\x02\x00")
+    corrupt = exif[:tag] + (b"\x01\x55" if exif[6:8] == b"MM" else b"\x55\x01") + exif[tag + 2:]
+    stored = quarters()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="image ")
+        decoded = decode_image(with_exif(stored, "JPEG", corrupt), "/d/x.jpg")
+    displayed = stored.transpose(Image.Transpose.ROTATE_270)
+    assert decoded.size == (24, 32)
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(displayed, dtype=float)).mean() < 4

@@ -2,10 +2,12 @@
 RGB), the evaluation resize rule, normalisation and padding with numpy. datasets.coco and datasets.transforms take
 these from here, so that the ONNX runtime path (util.onnx_runtime) prepares images exactly as evaluation does."""
 import io
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,15 +54,45 @@ def to_rgb(image, path):
     return image.convert("RGB")
 
 
+# EXIF orientation -> the transpose that shows the stored pixels as a viewer does (1 and unknown values: none)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+# what PIL's EXIF parser raises on a corrupt block (a bad TIFF header: SyntaxError; a short entry: struct.error)
+EXIF_ERRORS = (SyntaxError, struct.error, OSError, ValueError)
+
+
+def exif_orientation(image):
+    """The EXIF (else XMP) orientation of a loaded PIL image, 1 when it has none; a corrupt EXIF block raises one
+    of EXIF_ERRORS."""
+    exif = image.getexif()
+    raw = image.info.get("exif")
+    if raw and not exif:  # PIL's JPEG reader parses the block at open (for the dpi) and keeps a failure quiet
+        Image.Exif().load(raw)
+    return exif.get(ExifTags.Base.Orientation, 1)
+
+
+def exif_oriented(image, path):
+    """``image`` (loaded) turned and mirrored as its EXIF orientation says. An EXIF block PIL cannot parse leaves
+    the pixels as stored, with a warning naming ``path``: the pixels themselves decoded."""
+    try:
+        orientation = exif_orientation(image)
+    except EXIF_ERRORS as error:
+        warnings.warn(f"image {path}: cannot read its EXIF block ({type(error).__name__}: {error}); using it as "
+                      "stored, without applying an EXIF orientation", stacklevel=3)
+        return image
+    method = ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
 def decode_image(data, path):
     """Encoded image bytes -> 8-bit RGB PIL image as displayed: turned and mirrored as its EXIF orientation says (as
-    photo viewers and annotation tools show it); an undecodable file raises naming ``path``. Training, evaluation
-    and tools/infer.py all read images here."""
+    photo viewers and annotation tools show it; see exif_oriented); an undecodable file raises naming ``path``.
+    Training, evaluation and tools/infer.py all read images here."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # nothing to do without an orientation other than 1
-            return to_rgb(image, path)
+            return to_rgb(exif_oriented(image, path), path)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"cannot decode image {path}: {error}") from error
 
