@@ -11,7 +11,7 @@ from datasets.coco_eval import CocoEvaluator
 from datasets.data_prefetcher import data_prefetcher
 from models.criterion import HybridCriterion, weighted_losses
 from util import amp as mixed_precision
-from util.checkpoint import load_checkpoint, save_checkpoint
+from util.checkpoint import save_checkpoint
 from util.metric_logger import MetricLogger, SmoothedValue
 from util.misc import get_rank, get_total_grad_norm, is_dist_avail_and_initialized, is_main_process, reduce_dict
 from util.preemption import Preempted, Preemption
@@ -285,15 +285,45 @@ class TrainingRun:
         randomness = all_random_states()
         if self.output_dir is not None:
             in_epoch = {"epoch": epoch, "iteration": iterations_done, "random": randomness,
-                        "meters": logger.state(), "seconds": time.time() - self.epoch_started}
+                        "meters": logger.state(), "seconds": time.time() - self.epoch_started,
+                        "batches": self.batches_of_an_epoch()}
             save_checkpoint(self.state(epoch - 1, in_epoch=in_epoch), self.output_dir / LATEST)
+
+    def batches_of_an_epoch(self):
+        """What decides an epoch's batches besides the epoch (and the number of processes, checked with the
+        random states): the position of a mid-epoch checkpoint means these batches only."""
+        return {"batch_size": self.args.batch_size, "seed": self.args.seed, "images": self.batch_sampler.num_samples}
+
+    def check_position(self, in_epoch, source):
+        """A mid-epoch checkpoint resumes only where its iterations count the same batches."""
+        saved, ours = in_epoch.get("batches"), self.batches_of_an_epoch()
+        if saved is None:  # saved before the batches were recorded
+            return
+        spelled = {"batch_size": "--batch_size {}", "seed": "--seed {}", "images": "{} training images"}
+        changed = [f"{spelled[k].format(saved[k])} (now {ours[k]})" for k in ours if saved.get(k) != ours[k]]
+        if changed:
+            raise ValueError(f"{source} was saved at iteration {in_epoch['iteration']} of epoch {in_epoch['epoch']} "
+                             f"by a run with {', '.join(changed)}: this run's batches of that epoch are others, so "
+                             "resuming there would skip some images and repeat others. Resume with its settings, or "
+                             "from the previous epoch's copy checkpointNNNN.pth")
+
+    def resume_weight_average(self, checkpoint, source):
+        if self.ema is not None and "model_ema" in checkpoint:
+            self.ema.module.load_state_dict(checkpoint["model_ema"])
+        elif "model_ema" in checkpoint:
+            print(f"note: {source} holds a weight average (--model_ema) that this run, without --model_ema, does not "
+                  "continue: its evaluations and checkpoints are of the trained weights", flush=True)
+        elif self.ema is not None:
+            print(f"note: {source} holds no weight average: --model_ema starts one from its weights", flush=True)
 
     def resume(self, checkpoint, source):
         """Continue from `checkpoint` (ours at an epoch end or mid-epoch, or upstream's)."""
-        next_epoch = resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler)
-        if self.ema is not None and "model_ema" in checkpoint:
-            self.ema.module.load_state_dict(checkpoint["model_ema"])
         in_epoch = checkpoint.get("in_epoch")
+        if in_epoch is not None:
+            self.check_position(in_epoch, source)
+        next_epoch = resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler,
+                                           source)
+        self.resume_weight_average(checkpoint, source)
         if in_epoch is not None:
             self.start_epoch, self.start_iteration = in_epoch["epoch"], in_epoch["iteration"]
             self.resumed = in_epoch
@@ -301,6 +331,13 @@ class TrainingRun:
             self.start_epoch = next_epoch
             if "train_stats" in checkpoint:
                 self.pending_epoch_end = (checkpoint["epoch"], checkpoint["train_stats"])
+                copy = self.output_dir / f"checkpoint{checkpoint['epoch']:04}.pth" if self.output_dir else None
+                if copy is not None and not copy.exists():  # a kill came between checkpoint.pth and its copy
+                    save_checkpoint(checkpoint, copy)
+        if self.start_epoch >= self.args.epochs:
+            print(f"{source} ends before epoch {self.start_epoch}: nothing to train up to --epochs "
+                  f"{self.args.epochs}", flush=True)
+            return
         print(f"resuming {source} at epoch {self.start_epoch}, iteration {self.start_iteration}", flush=True)
         if self.output_dir is not None and self.main_process:
             # lines from beyond the resume point (written after the checkpoint, or by a run that went further)
@@ -373,13 +410,11 @@ class TrainingRun:
         return stats
 
     def complete_interrupted_epoch_end(self):
-        """After a kill between an epoch's checkpoint and its log line: its copy, evaluation and line."""
+        """After a kill between an epoch's checkpoint and its log line: its evaluation and line (resume() made the
+        per-epoch copy)."""
         if self.pending_epoch_end is None or self.output_dir is None:
             return
         epoch, train_stats = self.pending_epoch_end
-        copy = self.output_dir / f"checkpoint{epoch:04}.pth"
-        if not copy.exists() and (self.output_dir / LATEST).exists():
-            save_checkpoint(load_checkpoint(self.output_dir / LATEST), copy)
         if not any(entry["epoch"] == epoch for entry in read_log(self.output_dir / "log.txt")):
             print(f"completing the end of epoch {epoch} (evaluation and log line)", flush=True)
             self.evaluate_and_log(epoch, train_stats)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import datasets.samplers as samplers
 import util.amp as mixed_precision
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset, num_classes_from_annotations
+from datasets import build_dataset, check_same_categories, get_coco_api_from_dataset, num_classes_from_annotations
 from datasets.coco import COCO_SPLITS, dataset_root
 from datasets.tta import TestTimeAugmentation, collate_views
 from engine import TrainingRun, evaluate, print_ap
@@ -21,7 +21,14 @@ from models import build_model
 from models.backbone import load_pretrained_backbone
 from models.compile import compile_model
 from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer, as before)
-from util.arguments import argument_problems, check_args, check_device, get_args_parser  # noqa: F401 (upstream's)
+from util.arguments import (  # noqa: F401 (upstream's names)
+    argument_problems,
+    check_args,
+    check_device,
+    check_packages,
+    get_args_parser,
+    missing_packages,
+)
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.download import DownloadError
 from util.output_dir import check_output_dir
@@ -93,6 +100,8 @@ def resume_checkpoint(args, output_dir):
     if args.auto_resume:
         path, checkpoint = find_resume_checkpoint(output_dir)
         if path is None:
+            if args.eval:
+                raise FileNotFoundError(f"--eval --auto_resume: no checkpoint in {output_dir} to evaluate")
             print(f"--auto_resume: no checkpoint in {output_dir} yet, starting a new run", flush=True)
             return None, None
         at = checkpoint.get("in_epoch", {"epoch": checkpoint.get("epoch", -1) + 1, "iteration": 0})
@@ -129,11 +138,7 @@ def main(args):
     if output_dir is not None and utils.is_main_process():
         for path in remove_temporaries(output_dir):
             print(f"removed {path}, left by an interrupted save")
-    if args.tensorboard and not args.eval:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    check_packages(args)
     if args.use_wandb and utils.is_main_process():
         import wandb
 
@@ -142,11 +147,15 @@ def main(args):
     # data first: a wrong path fails before any model is built
     dataset_train = None if args.eval else build_dataset("train", args)
     dataset_val = build_dataset("val", args)
+    check_same_categories(dataset_train, dataset_val)
     batch_sampler, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
 
-    model, criterion, postprocessors = build_model(args)
     source, checkpoint = resume_checkpoint(args, output_dir)
+    if args.eval and checkpoint is None:
+        raise ValueError("--eval needs the weights to evaluate: --resume CHECKPOINT (a file or URL), or "
+                         "--auto_resume with a checkpoint in --output_dir")
+    model, criterion, postprocessors = build_model(args)
     load_weights(args, model, source, checkpoint)
     model.to(device)
     model_without_ddp = model
@@ -177,6 +186,9 @@ def main(args):
                       loader_train, loader_val, base_ds, device, ema=ema, n_parameters=n_parameters)
     if checkpoint is not None and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         run.resume(checkpoint, source)
+    elif checkpoint is not None:
+        print(f"{source} holds no training state (optimizer, lr_scheduler, epoch): a new run starts from its "
+              "weights", flush=True)
     del checkpoint
 
     print("Start training")
@@ -190,7 +202,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Deformable DETR training and evaluation script", parents=[get_args_parser()])
     parsed = parser.parse_args()
-    problems = argument_problems(parsed)
+    problems = argument_problems(parsed) + missing_packages(parsed)
     if problems:
         parser.error("; ".join(problems))
     try:

@@ -183,13 +183,16 @@ def test_the_warning_names_the_capability_on_a_cpu_without_native_support(monkey
     assert amp.slow_precision_warning("cpu", "bf16", training=True) is None
 
 
-def test_main_warns_once_at_the_start(two_images, monkeypatch, capsys):
+def test_main_warns_once_at_the_start(two_images, monkeypatch, capsys, tmp_path):
     no_native_support(monkeypatch, "DEFAULT")
-    project_main.main(parse(tiny_flags(two_images, "--eval", "--amp", "bf16")))
+    weights = tmp_path / "random.pth"
+    model = build_model(project_main.derived_settings(parse(tiny_flags(two_images, "--eval"))))[0]
+    save_checkpoint({"model": model.state_dict()}, weights)
+    project_main.main(parse(tiny_flags(two_images, "--eval", "--amp", "bf16", "--resume", weights)))
     out = capsys.readouterr().out
     assert out.count("warning: --amp bf16 on this CPU (capability DEFAULT") == 1
     assert out.index("warning: --amp bf16") < out.index("number of params")  # before any work
-    project_main.main(parse(tiny_flags(two_images, "--eval")))
+    project_main.main(parse(tiny_flags(two_images, "--eval", "--resume", weights)))
     assert "warning" not in capsys.readouterr().out  # fp32: nothing to say
 
 

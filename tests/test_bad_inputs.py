@@ -223,7 +223,10 @@ def test_evaluation_counts_topk_detections_when_it_is_above_100(coco, tmp_path, 
     from util.plot_utils import load_evaluation
 
     out = tmp_path / f"eval{topk}"
-    stats = project_main.main(parse("--coco_path", coco, "--eval", "--topk", topk, "--output_dir", out))
+    weights = tmp_path / "random.pth"
+    save_checkpoint({"model": build_model(parse("--coco_path", coco, "--num_classes", 7))[0].state_dict()}, weights)
+    stats = project_main.main(parse("--coco_path", coco, "--eval", "--topk", topk, "--output_dir", out,
+                                    "--resume", weights))
     assert list(load_evaluation(out / "eval.pth")["params"].maxDets) == max_dets
     assert len(stats["coco_eval_bbox"]) == 12 and stats["coco_eval_bbox"][0] >= 0
 
@@ -322,6 +325,40 @@ def test_a_mismatched_checkpoint_hint_names_real_flags(tmp_path):
     assert "without --no_pretrained_backbone (now --no_pretrained_backbone)" in message
     assert "--mixed_selection (now without --mixed_selection)" in message
     assert "pretrained_backbone False" not in message and "True" not in message
+
+
+def test_a_checkpoint_whose_tensors_fit_but_flags_differ_is_refused(tmp_path):
+    """Another split of the same number of queries, or --dilation: every tensor fits, the model differs."""
+    args = parse("--coco_path", "unused", "--num_classes", 7)
+    model, _, _ = build_model(args)
+    other = parse("--coco_path", "unused", "--num_classes", 7, "--num_queries_one2one", 9, "--num_queries_one2many", 9)
+    checkpoint = {"model": build_model(other)[0].state_dict(), "args": other}
+    with pytest.raises(RuntimeError, match=r"other\.pth was trained with other flags: --num_queries_one2one 9 \(now "
+                                           r"--num_queries_one2one 6\), --num_queries_one2many 9 \(now "
+                                           r"--num_queries_one2many 12\); its tensors fit"):
+        load_model_state(model, checkpoint, "other.pth", args)
+    dilated = parse("--coco_path", "unused", "--num_classes", 7, "--dilation")
+    with pytest.raises(RuntimeError, match=r"without --dilation \(now --dilation\)"):
+        load_model_state(model, {"model": model.state_dict(), "args": args}, "plain.pth", dilated)
+    load_model_state(model, {"model": model.state_dict(), "args": args}, "same.pth", args)  # its own flags: loads
+
+
+def test_training_refuses_validation_categories_named_otherwise(coco_copy):
+    def swap_names(data):
+        first, second = data["categories"][:2]
+        first["name"], second["name"] = second["name"], first["name"]
+
+    edit_annotations(coco_copy, "val", swap_names)
+    with pytest.raises(ValueError, match=r"instances_train2017\.json and .*instances_val2017\.json give 2 category "
+                                         r"ids different names"):
+        project_main.main(parse("--coco_path", coco_copy))
+
+
+def test_evaluating_without_weights_is_refused(coco, tmp_path):
+    with pytest.raises(ValueError, match=r"--eval needs the weights to evaluate: --resume CHECKPOINT"):
+        project_main.main(parse("--coco_path", coco, "--eval"))
+    with pytest.raises(FileNotFoundError, match=r"--eval --auto_resume: no checkpoint in .*empty to evaluate"):
+        project_main.main(parse("--coco_path", coco, "--eval", "--auto_resume", "--output_dir", tmp_path / "empty"))
 
 
 # ------------------------------------------------------------------------------------------ another number of classes

@@ -15,6 +15,7 @@ from test_transforms import (
 import datasets.transforms as T
 import main as project_main
 from datasets.synthetic import make_synthetic_coco
+from util.arguments import argument_problems, check_args
 from util.misc import collate_fn
 
 
@@ -73,6 +74,15 @@ def test_flag():
     assert parser.parse_args(["--lsj"]).lsj == 1024
     assert parser.parse_args(["--lsj", "512", "--backbone", "vit_base"]).lsj == 512
     assert parser.parse_args(["--lsj", "--backbone", "vit_base"]).lsj == 1024
+
+
+@pytest.mark.parametrize("size", [0, -64])
+def test_a_size_that_is_not_positive_is_refused_naming_the_flag(size):
+    """--lsj 0 made 0 x 0 images, --lsj -64 an error naming no flag."""
+    args = project_main.get_args_parser().parse_args(["--lsj", str(size)])
+    assert argument_problems(args) == [f"--lsj must be > 0 (the square's side, pixels), got {size}"]
+    with pytest.raises(ValueError, match=rf"^bad flag values: --lsj must be > 0 .*, got {size}$"):
+        check_args(args)
 
 
 def test_collate_pads_to_the_square_and_masks_the_padding():

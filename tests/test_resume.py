@@ -19,6 +19,8 @@ import engine
 import main as project_main
 import util.preemption
 from datasets.synthetic import make_synthetic_coco
+from models import build_model
+from models.optimizer import build_optimizer
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.training_state import ITERATION_LOG
 
@@ -105,6 +107,7 @@ def test_resuming_a_mid_epoch_checkpoint_repeats_the_run(coco, uninterrupted, tm
             train(coco, tmp_path, "--save_every_iters", 2)
     saved = load_checkpoint(tmp_path / "checkpoint.pth")
     assert saved["epoch"] == -1 and (saved["in_epoch"]["epoch"], saved["in_epoch"]["iteration"]) == (0, 2)
+    assert saved["in_epoch"]["batches"] == {"batch_size": 2, "seed": 42, "images": 8}
     assert len(losses(tmp_path)) == 3  # iteration 2 ran after the checkpoint: it is logged again on resume
     before = saved["in_epoch"]["seconds"]
     assert before > 0
@@ -321,6 +324,55 @@ def test_upstream_and_epoch_end_checkpoints_resume_at_the_next_epoch(coco, unint
     assert losses(tmp_path / "run") == losses(uninterrupted)[ITERATIONS:]
 
 
+@pytest.mark.parametrize("changed, message", [
+    (["--batch_size", 1], r"--batch_size 2 \(now 1\)"), (["--seed", 7], r"--seed 42 \(now 7\)")])
+def test_a_mid_epoch_checkpoint_resumes_only_with_the_same_batches(coco, uninterrupted, tmp_path, changed, message):
+    """Its iteration counts batches of its --batch_size and --seed: with others it would skip and repeat images."""
+    checkpoint = load_checkpoint(uninterrupted / "checkpoint0000.pth")
+    checkpoint["in_epoch"] = {"epoch": 1, "iteration": 2, "batches": {"batch_size": 2, "seed": 42, "images": 8}}
+    save_checkpoint(checkpoint, tmp_path / "mid.pth")
+    with pytest.raises(ValueError, match=rf"mid\.pth was saved at iteration 2 of epoch 1 by a run with {message}: "
+                                         r"this run's batches of that epoch are others"):
+        train(coco, tmp_path / "run", "--resume", tmp_path / "mid.pth", *changed)
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--sgd"], r"its optimizer is AdamW, this run's SGD \(--sgd\)"),
+    (["--lr_backbone", 0], r"its optimizer has parameter groups of \[\d+, \d+, \d+\] tensors, this run's "
+                           r"\[\d+, 0, \d+\] \(the flags that group or freeze parameters differ")])
+def test_an_optimizer_state_of_other_flags_is_refused_naming_them(coco, uninterrupted, tmp_path, changed, message):
+    source = uninterrupted / "checkpoint0000.pth"
+    with pytest.raises(ValueError, match=rf"cannot resume the training state of .*checkpoint0000\.pth: {message}"):
+        train(coco, tmp_path, "--resume", source, *changed)
+
+
+def test_the_command_line_weight_decay_wins_on_resume(coco, uninterrupted):
+    """As its learning rates (upstream's rule): the checkpoint's args then record what the run used."""
+    args = project_main.get_args_parser().parse_args(flags(coco, "", "--weight_decay", 0.05, "--lr", 1e-4))
+    args.num_classes = 7
+    model = build_model(args)[0]
+    optimizer, scheduler = build_optimizer(args, model)
+    checkpoint = load_checkpoint(uninterrupted / "checkpoint0000.pth")
+    assert {g["weight_decay"] for g in checkpoint["optimizer"]["param_groups"]} == {1e-4}
+    project_main.resume_training_state(args, checkpoint, optimizer, scheduler, None)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05] * 3
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-4, 1e-5]
+
+
+def test_resuming_a_copy_from_elsewhere_writes_its_own_epoch_copy(coco, uninterrupted, tmp_path, capsys):
+    """The folder's checkpoint.pth is of epoch 1; the resumed copy (epoch 0, its copy missing in the folder) is the
+    one written as checkpoint0000.pth. With nothing left to train, log.txt keeps its lines."""
+    for name in ("checkpoint.pth", "log.txt"):
+        shutil.copy(uninterrupted / name, tmp_path / name)
+    shutil.copy(uninterrupted / "checkpoint0000.pth", tmp_path / "backup.pth")
+    train(coco, tmp_path, "--resume", tmp_path / "backup.pth", "--epochs", 1)
+    assert load_checkpoint(tmp_path / "checkpoint0000.pth")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
+    assert [e["epoch"] for e in lines(tmp_path / "log.txt")] == [0, 1]
+    assert "backup.pth ends before epoch 1: nothing to train up to --epochs 1" in capsys.readouterr().out
+
+
 def test_keep_checkpoints_keeps_the_last_copies(coco, tmp_path):
     train(coco, tmp_path, "--epochs", 3, "--keep_checkpoints", 2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == [
@@ -340,6 +392,15 @@ def test_auto_resume_skips_a_corrupt_checkpoint_naming_it(coco, uninterrupted, t
     assert f"--auto_resume: resuming from {tmp_path / 'checkpoint0000.pth'} (epoch 1, iteration 0)" in out
     assert [e["epoch"] for e in lines(tmp_path / "log.txt")] == [0, 1]  # epoch 1 again, once
     assert epoch_lines(tmp_path / "log.txt") == epoch_lines(uninterrupted / "log.txt")
+
+
+def test_auto_resume_refuses_to_overwrite_checkpoints_it_cannot_read(coco, uninterrupted, tmp_path):
+    shutil.copy(uninterrupted / "log.txt", tmp_path / "log.txt")
+    (tmp_path / "checkpoint.pth").write_bytes(uninterrupted.joinpath("checkpoint.pth").read_bytes()[:5000])
+    with pytest.raises(RuntimeError, match=r"--auto_resume: no checkpoint in .* can be read \(checkpoint\.pth\), "
+                                           r"and a new run would overwrite them"):
+        train(coco, tmp_path, "--auto_resume")
+    assert (tmp_path / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
 
 
 def test_auto_resume_without_a_checkpoint_starts_a_new_run(coco, tmp_path, capsys):
@@ -362,6 +423,12 @@ def test_model_ema_is_trained_saved_and_evaluated(coco, uninterrupted, tmp_path,
     # an upstream checkpoint (no average) resumes with --model_ema: the average starts from its weights
     train(coco, tmp_path / "from_upstream", "--resume", uninterrupted / "checkpoint0000.pth", "--model_ema")
     assert "model_ema" in load_checkpoint(tmp_path / "from_upstream" / "checkpoint.pth")
+    assert "checkpoint0000.pth holds no weight average: --model_ema starts one from its weights" in \
+        capsys.readouterr().out
+    # resumed without --model_ema, the average is not continued, and the run says so
+    train(coco, tmp_path / "dropped", "--resume", tmp_path / "checkpoint0000.pth", "--epochs", 1)
+    assert f"note: {tmp_path / 'checkpoint0000.pth'} holds a weight average (--model_ema) that this run, without " \
+           "--model_ema, does not continue" in capsys.readouterr().out
 
 
 def test_ema_decay_warms_up_to_the_flag(coco, tmp_path, monkeypatch):
@@ -405,3 +472,18 @@ def test_tensorboard_without_the_package_is_a_one_line_error(coco, tmp_path, mon
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
     with pytest.raises(ImportError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
         train(coco, tmp_path, "--epochs", 1, "--tensorboard")
+
+
+def test_a_missing_optional_package_is_one_line_before_anything_starts(coco, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = project_main.get_args_parser().parse_args(flags(coco, tmp_path, "--use_wandb", "--tensorboard", "--eval"))
+    assert project_main.missing_packages(args) == ["--use_wandb needs the wandb package: pip install wandb"]
+    with pytest.raises(ImportError, match="^--use_wandb needs the wandb package: pip install wandb$"):
+        project_main.main(args)
+    assert not (tmp_path / "log.txt").exists()
+    # main.py's command line: the parser's one-line error (exit status 2), no traceback
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['wandb'] = None; sys.argv[0] = 'main.py'; "
+                             "import runpy; runpy.run_path('main.py', run_name='__main__')", "--use_wandb",
+                             "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith("error: --use_wandb needs the wandb package: pip install wandb")

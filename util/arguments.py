@@ -1,6 +1,7 @@
 """main.py's command line: the argument parser (upstream's flags and defaults, and ours), the checks of the parsed
 values (values that cannot work stop before anything is built, naming the flag) and of the device."""
 import argparse
+import importlib
 import math
 
 import torch
@@ -34,8 +35,10 @@ def get_args_parser():
     parser.add_argument("--batch_size", default=2, type=int)
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=50, type=int)
-    parser.add_argument("--lr_drop", default=40, type=int)
-    parser.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+")
+    parser.add_argument("--lr_drop", default=40, type=int, help="the learning rate drops 10x every LR_DROP epochs")
+    parser.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+",
+                        help="epochs at which the learning rate drops 10x, in place of --lr_drop (upstream parsed "
+                             "this flag without using it)")
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
     parser.add_argument("--sgd", action="store_true")
 
@@ -301,6 +304,7 @@ def argument_problems(args):
     for name in ("train_scales", "lr_drop_epochs"):
         values = getattr(args, name)
         check(not values or min(values) > 0, f"--{name} must all be > 0, got {values}")
+    check(args.lsj is None or args.lsj > 0, f"--lsj must be > 0 (the square's side, pixels), got {args.lsj}")
     check(args.save_every_iters is None or args.save_every_iters > 0,
           f"--save_every_iters must be > 0, got {args.save_every_iters}")
     check(args.keep_checkpoints is None or args.keep_checkpoints > 0,
@@ -315,6 +319,28 @@ def argument_problems(args):
     check(not args.tta or args.eval, "--tta (test-time augmentation) needs --eval: training evaluates at one scale")
     problems += tta_problems(args)
     return problems  # --num_queries_one2many > 0 with --k_one2many 0 is models.deformable_detr.build()'s check
+
+
+def missing_packages(args):
+    """One message per flag of `args` whose optional package cannot be imported: --use_wandb (wandb),
+    --tensorboard when training (tensorboard)."""
+    wanted = [("--use_wandb", "wandb", args.use_wandb),
+              ("--tensorboard", "tensorboard", args.tensorboard and not args.eval)]
+    problems = []
+    for flag, package, used in wanted:
+        if used:
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                problems.append(f"{flag} needs the {package} package: pip install {package}")
+    return problems
+
+
+def check_packages(args):
+    """Raise ImportError naming the flags whose optional package is missing (see missing_packages)."""
+    problems = missing_packages(args)
+    if problems:
+        raise ImportError("; ".join(problems))
 
 
 def check_args(args):

@@ -21,6 +21,9 @@ ARCHITECTURE_FLAGS = ("backbone", "pretrained_backbone", "dilation", "num_featur
                       "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one", "num_queries_one2many",
                       "dec_n_points", "enc_n_points", "with_box_refine", "two_stage", "mixed_selection",
                       "position_embedding", "num_classes")
+# architecture flags that change the computation without changing a tensor's shape: a checkpoint trained with
+# other values fits the model and would compute something else (e.g. another split of the same queries)
+SHAPELESS_FLAGS = ("dilation", "num_queries_one2one", "num_queries_one2many")
 
 
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
@@ -149,11 +152,11 @@ def _spelled(name, value):
     return f"--{name} {value}"
 
 
-def _flag_differences(saved_args, args):
+def _flag_differences(saved_args, args, names=ARCHITECTURE_FLAGS):
     if not isinstance(saved_args, argparse.Namespace):
         return []
     return [f"{_spelled(name, getattr(saved_args, name))} (now {_spelled(name, getattr(args, name, None))})"
-            for name in ARCHITECTURE_FLAGS
+            for name in names
             if hasattr(saved_args, name) and getattr(saved_args, name) != getattr(args, name, None)]
 
 
@@ -196,7 +199,9 @@ def _state_problems(state, own, ignore=()):
 
 def load_model_state(model, checkpoint, source, args=None):
     """Load checkpoint["model"] into model; any missing, unexpected or mis-shaped tensor is an error that
-    names them and, when the checkpoint carries its args, the architecture flags that differ."""
+    names them and, when the checkpoint carries its args, the architecture flags that differ. So is a
+    checkpoint whose args differ from `args` in a flag that changes the computation but no shape
+    (SHAPELESS_FLAGS)."""
     state = model_state_of(checkpoint, source)
     own = model.state_dict()
     problems = _state_problems(state, own)
@@ -211,6 +216,11 @@ def load_model_state(model, checkpoint, source, args=None):
             "; were these the flags it was trained with?"
         raise RuntimeError(f"{source} does not fit the model built from these flags: {'; '.join(problems)}"
                            f"{hint_text}")
+    shapeless = _flag_differences(checkpoint.get("args"), args, SHAPELESS_FLAGS) if args is not None else []
+    if shapeless:
+        raise RuntimeError(f"{source} was trained with other flags: {', '.join(shapeless)}; its tensors fit this "
+                           "model, but the model computes something else with these flags: pass the flags it was "
+                           "trained with")
     model.load_state_dict(state)
 
 

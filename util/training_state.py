@@ -75,11 +75,40 @@ def restore_random_states(states):
 # ------------------------------------------------------------------------------------------- optimizer and schedule
 
 
-def resume_training_state(args, checkpoint, optimizer, scheduler, scaler):
+def _optimizer_kind(group):
+    return "SGD" if "momentum" in group and "betas" not in group else "AdamW" if "betas" in group else "unknown"
+
+
+def optimizer_mismatch(saved, optimizer):
+    """Why the optimizer state dict `saved` cannot continue in `optimizer` (None when it can): another optimizer,
+    or parameter groups of other sizes (the flags that group or freeze the parameters differ)."""
+    saved_groups, groups = saved["param_groups"], optimizer.param_groups
+    if _optimizer_kind(saved_groups[0]) != _optimizer_kind(groups[0]):
+        return (f"its optimizer is {_optimizer_kind(saved_groups[0])}, this run's {_optimizer_kind(groups[0])} "
+                "(--sgd)")
+    saved_sizes, sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in groups]
+    if saved_sizes != sizes:
+        return (f"its optimizer has parameter groups of {saved_sizes} tensors, this run's {sizes} (the flags that "
+                "group or freeze parameters differ: --lr_backbone, --lr_backbone_names, --lr_linear_proj_names, "
+                "--backbone, ...)")
+    return None
+
+
+# what the command line sets in a parameter group, and wins over a resumed checkpoint's value
+COMMAND_LINE_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "fused")
+
+
+def resume_training_state(args, checkpoint, optimizer, scheduler, scaler, source="the checkpoint"):
     """Restore optimizer, scheduler (and the fp16 gradient scaler); returns the epoch to continue with. The learning
-    rates and lr drops of this command line win, as upstream (so a resumed run can change its schedule)."""
-    # this run's learning rates, and its choice of the fused AdamW kernel (a checkpoint's param groups carry theirs)
-    fresh_groups = [{k: g[k] for k in ("lr", "initial_lr", "fused") if k in g} for g in optimizer.param_groups]
+    rates and lr drops of this command line win, as upstream (so a resumed run can change its schedule), and so
+    do its weight decays. An optimizer state that does not fit this run's optimizer is an error naming `source`."""
+    problem = optimizer_mismatch(checkpoint["optimizer"], optimizer)
+    if problem is not None:
+        raise ValueError(f"cannot resume the training state of {source}: {problem}. Resume with its flags, or "
+                         f"start a new run from its weights with --finetune {source}")
+    # this run's learning rates and weight decays, and its choice of the fused AdamW kernel (a checkpoint's
+    # param groups carry theirs)
+    fresh_groups = [{k: g[k] for k in COMMAND_LINE_GROUP_KEYS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group, fresh in zip(optimizer.param_groups, fresh_groups):
         group.update(fresh)
@@ -131,16 +160,21 @@ def remove_temporaries(output_dir):
 
 def find_resume_checkpoint(output_dir, report=print):
     """(path, checkpoint) to resume a run in output_dir from: checkpoint.pth, else, when it is missing or cannot
-    be read (named in a report line), the newest per-epoch copy that loads; (None, None) when there is none."""
+    be read (named in a report line), the newest per-epoch copy that loads; (None, None) when there is none.
+    Checkpoints that are all unreadable are an error: starting afresh would overwrite them."""
     output_dir = Path(output_dir)
-    candidates = [output_dir / LATEST] + list(reversed(epoch_copies(output_dir)))
+    candidates = [path for path in [output_dir / LATEST] + list(reversed(epoch_copies(output_dir)))
+                  if path.is_file()]
     for path in candidates:
-        if not path.is_file():
-            continue
         try:
             return path, load_checkpoint(path)
         except (RuntimeError, ValueError, OSError, EOFError) as err:
-            report(f"cannot resume from {path} ({err}); trying the previous copy")
+            report(f"cannot resume from {path} ({err})" + ("; trying the previous copy" if path != candidates[-1]
+                                                           else ""))
+    if candidates:
+        names = ", ".join(p.name for p in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
+        raise RuntimeError(f"--auto_resume: no checkpoint in {output_dir} can be read ({names}), and a new run would "
+                           "overwrite them: move them away to start afresh, or --resume a copy from elsewhere")
     return None, None
 
 
