@@ -24,6 +24,7 @@ TEXTURES = ("noise", "stripes", "gradient")
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 GENERATOR_VERSION = 2  # 2: annotations carry segmentation (images and boxes as in 1)
+GENERATOR_ID = "H-Deformable-DETR datasets/synthetic.py"  # in the manifest: the folder is this generator's
 _IMAGE_FILE_PATTERN = re.compile(r"^\d{12}\.(jpg|png)$")
 
 
@@ -280,29 +281,75 @@ def generation_parameters(num_train, num_val, seed, cfg):
             "seed": seed, **asdict(cfg)}
 
 
-def read_manifest(out_dir):
-    """Parameters recorded by the last complete generation in ``out_dir``, or None."""
+def _load_manifest(out_dir):
+    """The content of ``out_dir``'s manifest.json, None when there is none or it is not JSON."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("parameters")
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _own_manifest(data):
+    """Whether a manifest's content is this generator's (written before GENERATOR_ID was: by its parameters)."""
+    if not isinstance(data, dict):
+        return False
+    parameters = data.get("parameters")
+    return data.get("generator") == GENERATOR_ID or isinstance(parameters, dict) and "generator_version" in parameters
+
+
+def read_manifest(out_dir):
+    """Parameters recorded by the last complete generation in ``out_dir``, or None."""
+    data = _load_manifest(out_dir)
+    return data.get("parameters") if _own_manifest(data) else None
+
+
+def coco_files(out_dir):
+    """What a generation in ``out_dir`` would overwrite or delete, described: the instances json files and the
+    images named as COCO's (and this generator's) there."""
+    out_dir = Path(out_dir)
+    found = [f"annotations/instances_{split}2017.json" for split in SPLITS
+             if (out_dir / "annotations" / f"instances_{split}2017.json").exists()]
+    for split in SPLITS:
+        image_dir = out_dir / f"{split}2017"
+        count = sum(bool(_IMAGE_FILE_PATTERN.match(p.name)) for p in image_dir.iterdir()) if image_dir.is_dir() else 0
+        if count:
+            found.append(f"{count} image{'s' * (count > 1)} in {split}2017/")
+    return found
+
+
+def check_own_folder(out_dir):
+    """Raise FileExistsError unless generating in ``out_dir`` replaces only files this generator wrote: its
+    manifest must be there, else no file it would replace may be (a folder of COCO's files may be a real dataset)."""
+    out_dir = Path(out_dir)
+    advice = "nothing written; choose another output folder (--out), or delete {} yourself to generate there"
+    if (out_dir / MANIFEST_NAME).exists():
+        if not _own_manifest(_load_manifest(out_dir)):
+            raise FileExistsError(f"{out_dir / MANIFEST_NAME} was not written by this generator: "
+                                  f"{advice.format('it')}")
+        return
+    found = coco_files(out_dir)
+    if found:
+        listed = " and ".join([", ".join(found[:-1]), found[-1]] if len(found) > 1 else found)
+        raise FileExistsError(f"{out_dir} holds {listed} but no {MANIFEST_NAME} of this generator (maybe a real "
+                              f"dataset): {advice.format('them')}")
 
 
 def make_synthetic_coco(out_dir, num_train, num_val, image_size=128, seed=0, **knobs):
     """Write the synthetic set under ``out_dir``; ``knobs`` are ``SyntheticConfig`` fields.
 
-    Returns a summary: per split the number of images and objects, and the written paths. The manifest
-    (parameters) is written last, so its presence marks a complete generation.
+    Returns a summary: per split the number of images and objects, and the written paths. A folder holding
+    COCO-named files but no manifest of this generator is refused (check_own_folder). The manifest claims the
+    folder first, without parameters, and gets them last, so that they mark a complete generation.
     """
     cfg = SyntheticConfig(image_size=image_size, **knobs)
     out_dir = Path(out_dir)
+    check_own_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest_path.unlink()
+    manifest_path.write_text(json.dumps({"generator": GENERATOR_ID, "parameters": None}))
     summary = {"out_dir": str(out_dir), "splits": {}}
     for split, count in (("train", num_train), ("val", num_val)):
         dataset = write_split(out_dir, split, count, seed, cfg)
@@ -313,5 +360,6 @@ def make_synthetic_coco(out_dir, num_train, num_val, image_size=128, seed=0, **k
             "ann_file": str(out_dir / "annotations" / f"instances_{split}2017.json"),
         }
     parameters = generation_parameters(num_train, num_val, seed, cfg)
-    manifest_path.write_text(json.dumps({"parameters": parameters, "summary": summary}, indent=2))
+    manifest_path.write_text(json.dumps({"generator": GENERATOR_ID, "parameters": parameters, "summary": summary},
+                                        indent=2))
     return summary

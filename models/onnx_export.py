@@ -36,6 +36,9 @@ CHECK_TOLERANCE = 1e-4
 # (Swin's last stage needs more than one window of 12 tokens at stride 32: 385 pixels)
 EXAMPLE_SIZE = (800, 1066)
 MIN_EXAMPLE_SIDE = 400
+# the lowest opset torch.onnx writes: its operators are implemented at 18 (torch 2.14's TORCHLIB_OPSET); asked for
+# less, it exports at 18 and tries to convert the file down, which fails on this model and leaves it at 18
+MIN_OPSET = 18
 
 
 def import_onnx_packages():
@@ -47,6 +50,20 @@ def import_onnx_packages():
         raise ImportError(f"exporting to ONNX needs the onnx and onnxscript packages ({err.name} is missing): "
                           "pip install onnx onnxscript onnxruntime") from err
     return onnx, onnxscript
+
+
+def supported_opsets():
+    """The opsets an export can be written in: MIN_OPSET to the newest the installed onnx package defines (asked
+    for a newer one, torch.onnx writes MIN_OPSET)."""
+    onnx, _ = import_onnx_packages()
+    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def opsets_written():
+    """'the export writes opsets 18 to 28 ...' (as the installed onnx allows), for the messages refusing another."""
+    opsets = supported_opsets()
+    return (f"the export writes opsets {opsets.start} (torch.onnx's lowest) to {opsets.stop - 1} (the newest the "
+            "installed onnx package defines)")
 
 
 class ExportableDetector(nn.Module):
@@ -118,13 +135,15 @@ def export_onnx(model, path, postprocess=None, example_size=EXAMPLE_SIZE, metada
 
     postprocess: a PostProcess to include (then the graph takes "orig_sizes" and returns the top-k detections);
     example_size: (h, w) traced with, each side at least MIN_EXAMPLE_SIDE;
-    metadata: {key: str} written into the file (util.onnx_runtime's keys); opset: ONNX opset (default torch's).
-    Returns the onnx ModelProto written.
+    metadata: {key: str} written into the file (util.onnx_runtime's keys); opset: ONNX opset, one of
+    supported_opsets() (default torch's). Returns the onnx ModelProto written.
     """
     if len(example_size) != 2 or min(example_size) < MIN_EXAMPLE_SIDE:
         raise ValueError(f"the example size traced with must be at least {MIN_EXAMPLE_SIDE} x {MIN_EXAMPLE_SIDE} "
                          f"(a graph traced on a smaller image could only run on sizes like it), got {example_size}")
     onnx, _ = import_onnx_packages()
+    if opset is not None and opset not in supported_opsets():
+        raise ValueError(f"opset {opset} cannot be written: {opsets_written()}")
     with_postprocess = postprocess is not None
     wrapper = ExportableDetector(model, postprocess).eval()
     inputs = example_inputs(example_size, with_postprocess)
@@ -149,6 +168,9 @@ def export_onnx(model, path, postprocess=None, example_size=EXAMPLE_SIZE, metada
                 input_names=list(INPUTS) + [POSTPROCESS_INPUT] * with_postprocess,
                 output_names=list(OUTPUTS) + list(POSTPROCESS_OUTPUTS) * with_postprocess)
     _clean_graph(program)
+    written = program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        raise RuntimeError(f"torch.onnx wrote opset {written} instead of the requested {opset}; {path} not written")
     for key, value in (metadata or {}).items():
         program.model.metadata_props[key] = str(value)
     program.save(str(path), external_data=False)

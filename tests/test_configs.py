@@ -217,6 +217,8 @@ def torchrun_call(argv):
     ("16", {}, 2, 8),
     ("8", {"GPUS_PER_NODE": "4"}, 2, 4),
     ("16", {"GPUS_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "12345"}, 2, 8),
+    ("08", {}, 1, 8),  # leading zeros are decimal, not octal (bash's $(( )) rejects 08, reads 010 as 8)
+    ("010", {"GPUS_PER_NODE": "05"}, 2, 5),
 ])
 def test_run_dist_launch_command(tmp_path, gpus, env, nnodes, per_node):
     out = run(["bash", str(LAUNCH), gpus, CONFIG, "--batch_size", "1", "--eval"],
@@ -244,6 +246,7 @@ def test_run_dist_launch_uses_python_variable(tmp_path):
     ([], "usage"),
     (["8"], "usage"),
     (["x", CONFIG], "positive integer"),
+    (["00", CONFIG], "GPUS must be a positive integer, got '00'"),
     (["12", CONFIG], "multiple of GPUS_PER_NODE"),
 ])
 def test_run_dist_launch_rejects(tmp_path, argv, message):

@@ -1,13 +1,18 @@
 """tools/infer.py: the model rebuilt from a checkpoint, detections in original pixels, drawings, bad inputs."""
 import argparse
 import json
+import os
 import runpy
 import shutil
+import stat
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
+from PIL import Image
+from test_output_dir import run_unprivileged
 
 from datasets import build_dataset
 from datasets.synthetic import make_synthetic_coco
@@ -113,6 +118,28 @@ def test_threshold_no_draw_and_an_unreadable_image(data, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
+def test_drawing_names_stay_distinct_and_gifs_are_read(data, tmp_path):
+    """A "_2" made for a repeated name may be another image's own name: every image still gets its own drawing.
+    A GIF in a folder is read (its first frame)."""
+    checkpoint, _, _ = trained(data, tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    with Image.open(next((data / "coco" / "val2017").iterdir())) as image:
+        source = image.convert("RGB")
+    for name in ("x.jpg", "x.png", "x_jpg.png", "x_jpg_2.png", "y.gif"):
+        source.save(images / name)
+    out = tmp_path / "out"
+    assert TOOL["main"](["--resume", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
+    results = json.loads((out / "detections.json").read_text())
+    drawings = [r["drawing"] for r in results]
+    assert [Path(r["file"]).name for r in results] == ["x.jpg", "x.png", "x_jpg.png", "x_jpg_2.png", "y.gif"]
+    assert drawings == ["x_jpg_detections.jpg", "x_png_detections.jpg", "x_jpg_3_detections.jpg",
+                        "x_jpg_2_detections.jpg", "y_detections.jpg"]
+    assert sorted(p.name for p in out.glob("*_detections.jpg")) == sorted(drawings)
+    assert TOOL["drawing_names"]([tmp_path / "X.jpg", tmp_path / "x.png"]) == ["X_detections.jpg",
+                                                                               "x_2_detections.jpg"]
+
+
 def test_upstream_style_checkpoint_and_flag_overrides(data, tmp_path):
     """A checkpoint whose args lack this project's newer flags (as upstream's) still rebuilds its model; a flag
     given on the command line overrides the saved one."""
@@ -158,6 +185,34 @@ def test_bad_inputs(data, tmp_path, argv, error, message):
     argv = [str(checkpoint) if a == "CKPT" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
     with pytest.raises(error, match=message):
         TOOL["main"](argv)
+
+
+def test_an_unusable_out_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    """--out a file, or under one: one line naming the path, before the checkpoint is read (here it is missing)."""
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path / "file", f"--out {tmp_path / 'file'} exists and is not a directory"),
+                         (tmp_path / "file" / "o", f"--out {tmp_path / 'file' / 'o'}: {tmp_path / 'file'} is not "
+                                                   "a directory")):
+        monkeypatch.setattr(sys, "argv", ["tools/infer.py", "--images", str(tmp_path), "--out", str(out),
+                                          "--resume", str(tmp_path / "missing.pth")])
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(ROOT / "tools" / "infer.py"), run_name="__main__")
+        assert info.value.code == f"infer: {message}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="permission bits and prctl are Linux's")
+def test_a_read_only_out_is_reported_before_the_model_loads(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        result = run_unprivileged(sys.executable, "tools/infer.py", "--images", tmp_path, "--out",
+                                  read_only / "detections", "--resume", tmp_path / "missing.pth")
+        assert result.stderr == (f"infer: --out {read_only / 'detections'}: cannot write in {read_only} (mode "
+                                 f"0o555, owner uid {os.geteuid()}; this process runs as uid {os.geteuid()})\n")
+        assert result.returncode == 1 and list(read_only.iterdir()) == []
+    finally:
+        read_only.chmod(0o755)
 
 
 def test_command_line_error_is_one_line(monkeypatch, tmp_path):

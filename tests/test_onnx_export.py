@@ -32,7 +32,7 @@ SIZES = [(72, 108), (90, 54), (64, 64)]  # (h, w): landscape, portrait, square
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A checkpoint of the small two-stage hybrid model (mixed selection) on a synthetic COCO dataset, with a weight
-    average (--model_ema), exported with the post-processing by the tool (which checks the file itself). Returns
+    average (--model_ema), exported at opset 18 with the post-processing by the tool (which checks the file). Returns
     (folder, the average's model, postprocess, the model of the checkpoint's "model" weights)."""
     root = tmp_path_factory.mktemp("onnx")
     make_synthetic_coco(root / "coco", 0, 3, image_size=96, seed=2)
@@ -43,7 +43,7 @@ def exported(tmp_path_factory):
     save_checkpoint({"model": trained.state_dict(), "model_ema": model.state_dict(), "args": args},
                     root / "checkpoint.pth")
     code = EXPORT["main"](["--resume", str(root / "checkpoint.pth"), "--out", str(root / "model.onnx"),
-                           "--with_postprocess"])
+                           "--with_postprocess", "--opset", "18"])
     assert code == 0
     return root, model.eval(), post["bbox"], trained.eval()
 
@@ -56,6 +56,7 @@ def test_graph_inputs_outputs_and_metadata(exported):
     root = exported[0]
     proto = onnx.load(str(root / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18  # --opset 18
     assert {v.name: dims(v) for v in proto.graph.input} == {
         "images": ["batch", 3, "height", "width"], "mask": ["batch", "height", "width"], "orig_sizes": ["batch", 2]}
     assert {v.name: dims(v) for v in proto.graph.output} == {
@@ -182,6 +183,54 @@ def test_bad_inputs(exported, tmp_path):
     onnx.save(other, str(tmp_path / "other.onnx"))
     with pytest.raises(ValueError, match="not a detector exported by tools/export_onnx.py"):
         INFER["main"](images + ["--onnx", str(tmp_path / "other.onnx")])
+
+
+class PoolingDetector(torch.nn.Module):
+    """The smallest model ExportableDetector takes: the mean colour of the unpadded pixels, as one query."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 4)
+
+    def forward(self, samples, one2one_only):
+        weights = (~samples.mask).float()
+        pooled = (samples.tensors * weights[:, None]).sum((2, 3)) / weights.sum((1, 2))[:, None]
+        out = self.proj(pooled)[:, None]
+        return {"pred_logits": out, "pred_boxes": out.sigmoid()}
+
+
+@pytest.mark.filterwarnings("ignore:# The axis name")  # torch.onnx naming the small model's shared axes once
+def test_opsets_outside_the_written_range_are_refused(tmp_path, monkeypatch):
+    """torch.onnx writes opset 18 when asked for a lower one (its down-conversion fails on this model) or for one
+    newer than onnx defines: the tool refuses both first thing, and export_onnx saves no file of another opset."""
+    import models.onnx_export as onnx_export
+
+    newest = onnx.defs.onnx_opset_version()
+    out = tmp_path / "m.onnx"
+    for opset in (17, newest + 1):
+        with pytest.raises(ValueError, match=rf"^--opset {opset}: the export writes opsets 18 \(torch.onnx's "
+                                             rf"lowest\) to {newest} \(the newest"):  # before the checkpoint is read
+            EXPORT["main"](["--out", str(out), "--resume", str(tmp_path / "missing.pth"), "--opset", str(opset)])
+    monkeypatch.setattr(onnx_export, "supported_opsets", lambda: range(1, newest + 2))
+    with pytest.raises(RuntimeError, match=f"torch.onnx wrote opset 18 instead of the requested {newest + 1}"):
+        export_onnx(PoolingDetector(), out, example_size=(400, 400), opset=newest + 1)
+    assert not out.exists()
+
+
+def test_an_unusable_out_or_tta_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    for argv, message in (
+            (["--out", str(tmp_path)], f"--out {tmp_path} is a directory, not a file to write"),
+            (["--out", str(tmp_path / "file" / "m.onnx")],
+             f"--out {tmp_path / 'file' / 'm.onnx'}: {tmp_path / 'file'} is not a directory"),
+            (["--out", str(tmp_path / "m.onnx"), "--tta", "--tta_flip"],
+             "--tta, --tta_flip: the export writes the single-scale evaluation graph; the multi-scale test runs in "
+             "PyTorch (main.py --eval --tta, tools/infer.py --tta)")):
+        monkeypatch.setattr(sys, "argv", ["tools/export_onnx.py", *argv, "--resume", str(tmp_path / "missing.pth")])
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(ROOT / "tools" / "export_onnx.py"), run_name="__main__")
+        assert info.value.code == f"export_onnx: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_command_line_errors_are_one_line(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """util.plot_utils and tools/plot_logs.py: reading logs, smoothing, summaries, saved evaluations, figures."""
+import argparse
 import json
 import math
-import pickle
 import runpy
 import subprocess
 import sys
@@ -113,8 +113,22 @@ def test_load_evaluation_refuses_other_files(tmp_path):
     with pytest.raises(ValueError, match="not a saved COCO evaluation"):
         plot_utils.load_evaluation(tmp_path / "checkpoint.pth")
     torch.save({"precision": Payload(), "params": None}, tmp_path / "pickle.pth")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # only Params and arrays pass
-        plot_utils.load_evaluation(tmp_path / "pickle.pth")
+    with pytest.raises(ValueError, match=r"pickle\.pth is not a saved COCO evaluation: a weights-only torch\.load "
+                                         r"cannot read it \(Unsupported global: GLOBAL test_plot_utils\.Payload"):
+        plot_utils.load_evaluation(tmp_path / "pickle.pth")  # only Params and arrays pass
+
+
+def test_tool_pr_on_other_files_is_one_line(tmp_path, monkeypatch, capsys):
+    """A log.txt, a checkpoint (its args a Namespace), an empty file: the tool names the file in one line."""
+    log = write_log(tmp_path / "run", [0.1]) / "log.txt"
+    save_checkpoint({"model": {}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "checkpoint.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for path, reason in ((log, "Unsupported operand"),
+                         (tmp_path / "checkpoint.pth", "Unsupported global: GLOBAL argparse.Namespace"),
+                         (tmp_path / "empty.pth", "EOFError: the file ends early")):
+        code, _ = run_tool(monkeypatch, capsys, "--pr", str(path))
+        assert code.startswith(f"plot_logs: {path} is not a saved COCO evaluation: a weights-only torch.load cannot "
+                               f"read it ({reason}") and "\n" not in code, code
 
 
 def run_tool(monkeypatch, capsys, *argv):

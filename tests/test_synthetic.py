@@ -1,16 +1,21 @@
 """Synthetic shapes generator: determinism, valid COCO content, tight boxes, exact segmentations, CLI manifest."""
 import hashlib
 import json
+import runpy
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import datasets.synthetic as synthetic
 from datasets.mask_outline import coco_segmentation, pixel_outlines, signed_area
 from datasets.synthetic import SHAPE_NAMES, SyntheticConfig, _image_rng, make_synthetic_coco, render_image
 from tools.make_synthetic_coco import main as cli_main
 
 NUM_TRAIN, NUM_VAL = 24, 4
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_coco.py"
 
 
 def generate(root, seed=0):
@@ -105,6 +110,53 @@ def test_cli_skips_identical_output(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "cli" / "train2017").iterdir()] == ["000000000001.png"]
 
 
+def coco_like_folder(root):
+    """A folder laid out as COCO's, with COCO's file names, that this generator did not write."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "val2017" / "000000000139.jpg").write_bytes(b"a real photo")
+    (root / "annotations" / "instances_val2017.json").write_text('{"images": []}')
+    return root
+
+
+def test_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    root = coco_like_folder(tmp_path / "coco")
+    before = files_of(root)
+    monkeypatch.setattr(sys, "argv", ["tools/make_synthetic_coco.py", "--out", str(root), "--num_train", "1",
+                                      "--num_val", "1", "--image_size", "48"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(TOOL), run_name="__main__")
+    assert info.value.code == (
+        f"make_synthetic_coco: {root} holds annotations/instances_val2017.json and 1 image in val2017/ but no "
+        "manifest.json of this generator (maybe a real dataset): nothing written; choose another output folder "
+        "(--out), or delete them yourself to generate there")
+    (root / "manifest.json").write_text('{"parameters": {"description": "another tool\'s"}}')
+    with pytest.raises(FileExistsError, match=r"manifest\.json was not written by this generator"):
+        make_synthetic_coco(root, 1, 1, image_size=48)
+    (root / "manifest.json").unlink()
+    assert files_of(root) == before  # nothing deleted, overwritten or added
+    assert sorted(p.name for p in root.iterdir()) == ["annotations", "val2017"]
+
+
+def test_an_interrupted_generation_is_redone(tmp_path, monkeypatch):
+    """The manifest claims the folder before the first file is written: a run killed halfway leaves a folder that
+    the next run recognises as its own and regenerates."""
+    write_split = synthetic.write_split
+
+    def interrupted(out_dir, split, *args):
+        if split == "val":
+            raise KeyboardInterrupt
+        return write_split(out_dir, split, *args)
+
+    monkeypatch.setattr(synthetic, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_coco(tmp_path, 1, 1, image_size=48)
+    assert synthetic.read_manifest(tmp_path) is None and (tmp_path / "annotations").is_dir()
+    monkeypatch.setattr(synthetic, "write_split", write_split)
+    assert make_synthetic_coco(tmp_path, 1, 1, image_size=48)["splits"]["val"]["images"] == 1
+    assert synthetic.read_manifest(tmp_path)["num_val"] == 1
+
+
 # SHA-256 of the images, and of the image entries, annotations (less segmentation) and categories, of a small set
 # written by generator version 1: segmentation came with version 2, leaving images and boxes as they were
 VERSION_1_FINGERPRINT = "9a87b80026515c3708ab8a9252c86a182a3d4352983c9b8ea6b9f5d9de90f6fd"
@@ -180,7 +232,8 @@ def test_cli_regenerates_a_version_1_set(tmp_path, capsys):
     cli_main(argv)
     manifest = tmp_path / "cli" / "manifest.json"
     recorded = json.loads(manifest.read_text())
-    recorded["parameters"]["generator_version"] = 1  # as a set written before segmentation was added
+    recorded["parameters"]["generator_version"] = 1  # as a set written before segmentation was added,
+    del recorded["generator"]  # and before the manifest named its generator
     manifest.write_text(json.dumps(recorded))
     capsys.readouterr()
     cli_main(argv)

@@ -33,9 +33,13 @@ from models.onnx_export import (  # noqa: E402
     export_metadata,
     export_onnx,
     import_onnx_packages,
+    opsets_written,
+    supported_opsets,
 )
 from models.trained_model import trained_model  # noqa: E402
+from util.arguments import get_args_parser  # noqa: E402
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
+from util.output_dir import check_output_path  # noqa: E402
 
 
 def export_args_parser():
@@ -49,9 +53,17 @@ def export_args_parser():
     parser.add_argument("--example_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="image size traced with (default 800 1066, at least 400 a side); the graph runs on "
                              "any size")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset, from 18 to the newest the installed onnx package defines (default: "
+                             "torch.onnx's); the file is written in exactly this one")
     parser.add_argument("--no_check", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
     return parser
+
+
+def tta_flags(rest):
+    """The test-time augmentation flags among main.py's `rest`: the export writes the single-scale graph only."""
+    given = get_args_parser().parse_known_args(rest)[0]
+    return [flag for flag in ("--tta", "--tta_scales", "--tta_ranges", "--tta_flip") if getattr(given, flag[2:])]
 
 
 def main(argv=None):
@@ -59,6 +71,12 @@ def main(argv=None):
     if args.example_size and min(args.example_size) < MIN_EXAMPLE_SIDE:
         raise ValueError(f"--example_size must be at least {MIN_EXAMPLE_SIDE} on each side, got {args.example_size}")
     import_onnx_packages()
+    if args.opset is not None and args.opset not in supported_opsets():
+        raise ValueError(f"--opset {args.opset}: {opsets_written()}")
+    if tta_flags(rest):
+        raise ValueError(f"{', '.join(tta_flags(rest))}: the export writes the single-scale evaluation graph; the "
+                         "multi-scale test runs in PyTorch (main.py --eval --tta, tools/infer.py --tta)")
+    check_output_path(args.out, "--out", directory=False)  # before the model is built and exported
     if not args.no_check:
         import_onnxruntime()
     # the export traces on the CPU whatever the model was trained on
@@ -71,7 +89,7 @@ def main(argv=None):
     val_scale, max_size = eval_resize(options["scales"], options["max_size"], options["val_size"])
     example_size = tuple(args.example_size or EXAMPLE_SIZE)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # missing folders: check_output_path made sure they can be
 
     start = time.perf_counter()
     export_onnx(model, out, postprocess if args.with_postprocess else None, example_size,
@@ -94,5 +112,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, ImportError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
         sys.exit(f"export_onnx: {err}")

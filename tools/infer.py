@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import ImageDraw  # noqa: E402
 
 from util.image_io import decode_image, read_bytes  # noqa: E402
+from util.output_dir import check_output_path  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # a GIF: its first frame
 
 
 def infer_args_parser():
@@ -62,16 +63,22 @@ def image_paths(inputs):
 
 def drawing_names(paths):
     """A distinct file name for each image's drawing: <stem>_detections.jpg; where stems repeat (a/x.jpg and
-    b/x.jpg), the image's path below the images' common folder, separators and dots made underscores."""
+    b/x.jpg), the image's path below the images' common folder, separators and dots made underscores; a name that
+    still repeats gets the first suffix _2, _3, ... that no other image's name takes (compared ignoring case, as
+    some file systems do)."""
     stems = Counter(path.stem for path in paths)
     common = Path(os.path.commonpath([str(path.resolve().parent) for path in paths]))
-    names, seen = [], Counter()
-    for path in paths:
-        base = path.stem
-        if stems[base] > 1:
-            base = "_".join(path.resolve().relative_to(common).parts).replace(".", "_")
-        seen[base] += 1
-        names.append(f"{base}{f'_{seen[base]}' if seen[base] > 1 else ''}_detections.jpg")
+    bases = [path.stem if stems[path.stem] == 1 else
+             "_".join(path.resolve().relative_to(common).parts).replace(".", "_") for path in paths]
+    taken = {base.casefold() for base in bases}  # each image's own name, kept for it
+    used, names = set(), []
+    for base in bases:
+        name, suffix = base, 1
+        while name.casefold() in used or (name != base and name.casefold() in taken):
+            suffix += 1
+            name = f"{base}_{suffix}"
+        used.add(name.casefold())
+        names.append(f"{name}_detections.jpg")
     return names
 
 
@@ -153,6 +160,7 @@ def main(argv=None):
     args, rest = infer_args_parser().parse_known_args(argv)
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold is a score in [0, 1], got {args.threshold}")
+    check_output_path(args.out, "--out", directory=True)  # before the model is loaded
     detect, names = onnx_detector(args, rest) if args.onnx else checkpoint_detector(args, rest)
     paths = image_paths(args.images)
 
@@ -184,5 +192,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, ImportError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
         sys.exit(f"infer: {err}")

@@ -1,6 +1,9 @@
 """Write the synthetic shapes dataset in COCO layout (skipped when an identical one is already there).
 
 Example: python tools/make_synthetic_coco.py --out data/synthetic --num_train 800 --num_val 100
+
+It replaces only what it wrote itself (a folder with its manifest.json): a folder holding COCO's files (annotations
+or images named like 000000000001.jpg) without that manifest is refused, not overwritten.
 """
 import argparse
 import sys
@@ -58,5 +61,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as err:  # a generator knob out of range, named by SyntheticConfig
+    except (ValueError, FileExistsError) as err:  # a knob out of range (SyntheticConfig); a folder not its own
         sys.exit(f"make_synthetic_coco: {err}")

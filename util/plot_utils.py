@@ -5,6 +5,7 @@ Reading and summarising needs nothing beyond the project's dependencies; drawing
 """
 import json
 import math
+import pickle
 import warnings
 from pathlib import Path
 
@@ -162,11 +163,25 @@ def load_evaluation(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation file at {path}")
-    with torch.serialization.safe_globals(_evaluation_globals()):
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_evaluation_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # not a torch file, or one holding more
+        raise ValueError(f"{path} is not a saved COCO evaluation: a weights-only torch.load cannot read it "
+                         f"({_load_failure(error)})") from None
     if not isinstance(data, dict) or "precision" not in data or "params" not in data:
         raise ValueError(f"{path} is not a saved COCO evaluation (expected COCOeval.eval with 'precision')")
     return data
+
+
+def _load_failure(error):
+    """The gist of a failed torch.load in one line: weights-only's own reason (an object it refuses, a byte that
+    is no pickle code), or the first sentence of another error."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else f"{type(error).__name__}: the file ends early"
 
 
 def precision_recall(evaluation, iou=0.5, area="all", max_dets=None):
