@@ -60,9 +60,10 @@ def _output_tensors(outputs, prefix=""):
     return [(prefix[:-1], outputs)] if torch.is_tensor(outputs) else []
 
 
-def _check_outputs_finite(outputs, epoch, iteration):
-    """Stop when the model's outputs hold inf or nan (diverged weights), on every process at once, before the
-    matcher meets the broken boxes; the message names the outputs and the epoch and iteration."""
+def _check_outputs_finite(outputs, where, consequence):
+    """Stop when the model's outputs hold inf or nan, on every process at once, before the matcher meets the
+    broken boxes; the message names the outputs, `where` (e.g. "at epoch 3, iteration 7") and ends with
+    `consequence`."""
     named = _output_tensors(outputs)
     finite = torch.stack([tensor.detach().isfinite().all() for _, tensor in named])
     everywhere = finite.all().float()
@@ -70,9 +71,8 @@ def _check_outputs_finite(outputs, epoch, iteration):
         torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
     if everywhere.item() < 1:
         bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-        raise FloatingPointError(
-            f"the model's outputs are not finite at epoch {epoch}, iteration {iteration} "
-            f"({', '.join(bad[:6]) or 'on another process'}): the weights diverged. " + STOPPED)
+        raise FloatingPointError(f"the model's outputs are not finite {where} "
+                                 f"({', '.join(bad[:6]) or 'on another process'}): {consequence}")
 
 
 def train_logger():
@@ -137,7 +137,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     for iteration in logger.log_every(range(start_iteration, iterations), print_freq, f"Epoch {epoch}",
                                       total=iterations, summary=train_summary):
         outputs = mixed_precision.forward(model, samples, device, amp)  # in float32
-        _check_outputs_finite(outputs, epoch, iteration)
+        _check_outputs_finite(outputs, f"at epoch {epoch}, iteration {iteration}", "the weights diverged. " + STOPPED)
         loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 
@@ -204,6 +204,9 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             samples = samples.to(device)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             outputs = mixed_precision.forward(model, samples, device, amp)  # in float32
+            image_ids = [t["image_id"].item() for t in targets]
+            _check_outputs_finite(outputs, f"in evaluation, on the batch of images {image_ids}",
+                                  "are the weights (or the --amp precision) broken?")
             reduced = reduce_dict(criterion(outputs, targets))
             reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
             logger.update(loss=reduced_total, **reduced_scaled, **{f"{k}_unscaled": v for k, v in reduced.items()})
@@ -213,7 +216,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             results = postprocessors["bbox"](outputs, orig_sizes)
             if tta is not None:
                 results = tta(model, samples, targets, results, views[0], amp)
-            coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+            coco_evaluator.update(dict(zip(image_ids, results)))
     finally:
         model.train(model_training)
         criterion.train(criterion_training)

@@ -94,11 +94,11 @@ class Backbone(BackboneBase):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet backbone {name!r}; choose one of {RESNETS}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         norm_layer = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
-        if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         for param_name, param in resnet.named_parameters():
             trainable = train_backbone and (from_scratch or param_name.startswith(("layer2", "layer3", "layer4")))
             param.requires_grad_(trainable)

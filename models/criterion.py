@@ -105,6 +105,10 @@ class SetCriterion(nn.Module):
         targets: per image dicts with "labels" and "boxes"; repeats: each image's targets are its boxes repeated
         that many times (the one-to-many group's), which the matcher costs once. Returns {loss name: scalar}.
         """
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"SetCriterion: {len(targets)} target dicts for a batch of "
+                             f"{outputs['pred_logits'].shape[0]} images (one per image, empty for an image without "
+                             "objects)")
         num_boxes = self._average_num_boxes(targets, outputs["pred_logits"].device)
         losses = self._losses_for(outputs, targets, num_boxes, repeats=repeats)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):

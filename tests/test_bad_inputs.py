@@ -354,6 +354,43 @@ def test_training_refuses_validation_categories_named_otherwise(coco_copy):
         project_main.main(parse("--coco_path", coco_copy))
 
 
+def test_evaluating_weights_with_nan_names_the_images(coco, tmp_path):
+    """The losses' matcher would fail in scipy ("invalid numeric entries") without saying where."""
+    model = build_model(parse("--coco_path", coco, "--num_classes", 7))[0]
+    state = model.state_dict()
+    state["input_proj.0.0.bias"] = torch.full_like(state["input_proj.0.0.bias"], float("nan"))
+    save_checkpoint({"model": state}, tmp_path / "nan.pth")
+    with pytest.raises(FloatingPointError, match=r"the model's outputs are not finite in evaluation, on the batch of "
+                                                 r"images \[\d+, \d+\] \(pred_logits, pred_boxes"):
+        project_main.main(parse("--coco_path", coco, "--eval", "--resume", tmp_path / "nan.pth"))
+
+
+def test_a_batch_of_images_of_different_kinds_is_refused():
+    """Padding copies each image into the first one's dtype and channels: a uint8 image would go in
+    unnormalised, a grey one broadcast to three channels."""
+    from util.misc import nested_tensor_from_tensor_list
+
+    for other in (torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(1, 8, 8)):
+        with pytest.raises(ValueError, match=r"the images differ in channels, dtype or device"):
+            nested_tensor_from_tensor_list([torch.zeros(3, 8, 8), other])
+    with pytest.raises(ValueError, match=r"the images differ"):
+        build_model(parse("--coco_path", "unused", "--num_classes", 7))[0]([torch.zeros(3, 64, 64),
+                                                                            torch.zeros(1, 64, 64)])
+
+
+def test_as_many_targets_as_images():
+    model, criterion, _ = build_model(parse("--coco_path", "unused", "--num_classes", 7))
+    outputs = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)])
+    target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(ValueError, match=r"SetCriterion: 1 target dicts for a batch of 2 images"):
+        criterion(outputs, [target])
+
+
+def test_dilation_of_a_basic_block_resnet_names_the_flag():
+    with pytest.raises(ValueError, match=r"--dilation needs a bottleneck ResNet \(resnet50/101\), not resnet18"):
+        build_model(parse("--coco_path", "unused", "--num_classes", 7, "--dilation"))
+
+
 def test_evaluating_without_weights_is_refused(coco, tmp_path):
     with pytest.raises(ValueError, match=r"--eval needs the weights to evaluate: --resume CHECKPOINT"):
         project_main.main(parse("--coco_path", coco, "--eval"))

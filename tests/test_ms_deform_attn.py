@@ -153,6 +153,25 @@ def test_module_rejects_bad_reference_points():
         attn(query, torch.rand(2, 5, 2, 3), flatten, shapes, starts)
 
 
+@pytest.mark.parametrize("pytorch_path", [False, True], ids=["default", "pytorch path"])
+@pytest.mark.parametrize("sizes", [((12, 16), (6, 8)), ((3, 4), (3, 4)), ((6, 8), (3, 4), (1, 1))],
+                         ids=["more", "fewer", "a level more"])
+def test_level_sizes_that_do_not_fit_the_value_are_refused(monkeypatch, pytorch_path, sizes):
+    """Upstream asserts the sizes sum to the value's length: the compiled kernels would read past its end (or
+    ignore its last rows), the PyTorch path fail in a split; given as a tensor or as ints."""
+    if pytorch_path:
+        force_pytorch_path(monkeypatch)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    query, flatten, shapes, starts = make_module_inputs()  # levels (6, 8) and (3, 4): 60 positions
+    wrong = spatial_shapes_tensor(sizes)
+    message = (r"MSDeformAttn of 2 levels: input_spatial_shapes must be \[2, 2\], got \[3, 2\]" if len(sizes) == 3
+               else r"ms_deform_attn: the level sizes .* do not fit a value of 60 positions sampled at 2 levels")
+    with pytest.raises(ValueError, match=message):
+        attn(query, torch.rand(2, 5, 2, 2), flatten, wrong, starts[:1].expand(len(sizes)))
+    with pytest.raises(ValueError, match=r"do not fit a value of 60 positions"):
+        attn(query, torch.rand(2, 5, 2, 2), flatten, shapes, starts, level_sizes=sizes)
+
+
 def test_level_sizes_as_python_data():
     shapes = spatial_shapes_tensor([(5, 7), (3, 4)])
     assert shapes.dtype == torch.long and shapes.tolist() == [[5, 7], [3, 4]]

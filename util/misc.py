@@ -52,12 +52,16 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[i
     if any(t.dim() != 3 for t in tensor_list):
         shapes = [tuple(t.shape) for t in tensor_list]
         raise ValueError(f"nested_tensor_from_tensor_list: expected [C, H, W] images, got shapes {shapes}")
+    first = tensor_list[0]
+    if any((t.shape[0], t.dtype, t.device) != (first.shape[0], first.dtype, first.device) for t in tensor_list):
+        # copy_ would convert or broadcast them into the first image's kind without a word
+        raise ValueError("nested_tensor_from_tensor_list: the images differ in channels, dtype or device: "
+                         f"{[(tuple(t.shape), str(t.dtype), str(t.device)) for t in tensor_list]}")
     channels = tensor_list[0].shape[0]
     max_h = max(t.shape[1] for t in tensor_list)
     max_w = max(t.shape[2] for t in tensor_list)
     if pad_to is not None:
         max_h, max_w = max(max_h, pad_to), max(max_w, pad_to)
-    first = tensor_list[0]
     batch = first.new_zeros((len(tensor_list), channels, max_h, max_w))
     mask = torch.ones((len(tensor_list), max_h, max_w), dtype=torch.bool, device=first.device)
     for img, padded, m in zip(tensor_list, batch, mask):

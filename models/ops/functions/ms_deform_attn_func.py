@@ -32,6 +32,18 @@ def as_level_sizes(spatial_shapes):
     return sizes
 
 
+def _check_level_sizes(sizes, num_values, num_levels):
+    """The levels' sizes account for every row of value, one size per level of the sampling locations (the
+    compiled kernels would read past value's end, or ignore its last rows). Python ints only: symbolic sizes
+    (torch.compile) are the model's own and go unchecked."""
+    if not all(isinstance(v, int) for size in sizes for v in size):
+        return
+    if len(sizes) != num_levels or sum(h * w for h, w in sizes) != num_values:
+        raise ValueError(f"ms_deform_attn: the level sizes {list(sizes)} ({len(sizes)} levels, "
+                         f"{sum(h * w for h, w in sizes)} positions) do not fit a value of {num_values} positions "
+                         f"sampled at {num_levels} levels")
+
+
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
     """Bilinearly sample every level at the given locations and sum the samples with the attention weights.
 
@@ -105,6 +117,10 @@ def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, samplin
                          ("attention_weights", attention_weights)):
         if not tensor.is_floating_point():
             raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
+    if level_sizes is None and value_spatial_shapes.device.type == "cpu":
+        level_sizes = as_level_sizes(value_spatial_shapes)  # free on the host
+    if level_sizes is not None:
+        _check_level_sizes(as_level_sizes(level_sizes), value.shape[1], sampling_locations.shape[3])
     if use_compiled(value):
         dtype = compute_dtype(value.device, value, sampling_locations, attention_weights)
         kernel_value = value if weights_dtype(value) == dtype else value.to(dtype)

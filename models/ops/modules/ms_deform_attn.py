@@ -77,6 +77,9 @@ class MSDeformAttn(nn.Module):
         """
         n, num_queries, _ = query.shape
         _, num_values, _ = input_flatten.shape
+        if input_spatial_shapes.shape != (self.n_levels, 2):
+            raise ValueError(f"MSDeformAttn of {self.n_levels} levels: input_spatial_shapes must be [{self.n_levels}, "
+                             f"2], got {list(input_spatial_shapes.shape)}")
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value.masked_fill_(input_padding_mask[..., None], 0.0)  # in place: the projection's own output
