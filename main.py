@@ -36,6 +36,7 @@ from util.preemption import Preempted
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
     epoch_seed,
     find_resume_checkpoint,
+    previous_run_files,
     remove_temporaries,
     resume_training_state,
     seed_everything,
@@ -92,6 +93,19 @@ def make_loaders(args, dataset_train, dataset_val):
     return batch_sampler, loader_train, loader_val
 
 
+def refuse_to_overwrite_a_run(args, output_dir):
+    """A new training run (no --resume, no --auto_resume) stops in a folder that holds another run's checkpoints or
+    logs: it would overwrite the checkpoints and mix its log lines with the other run's."""
+    if output_dir is None or args.eval or args.resume or args.auto_resume:
+        return
+    found = previous_run_files(output_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FileExistsError(f"--output_dir {output_dir} holds another run ({shown}): a new run would overwrite its "
+                              "checkpoints and mix their log lines. Continue it with --auto_resume (or --resume "
+                              "FILE), or start anew in another --output_dir (or delete those files)")
+
+
 def resume_checkpoint(args, output_dir):
     """(source, checkpoint) to resume from: --resume, else with --auto_resume the run's own checkpoint.pth (or its
     newest per-epoch copy that loads); (None, None) to start afresh."""
@@ -135,6 +149,7 @@ def main(args):
     mixed_precision.warn_if_slow(device, args.amp, training=not args.eval)
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
+    refuse_to_overwrite_a_run(args, output_dir)
     if output_dir is not None and utils.is_main_process():
         for path in remove_temporaries(output_dir):
             print(f"removed {path}, left by an interrupted save")

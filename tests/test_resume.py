@@ -403,6 +403,18 @@ def test_auto_resume_refuses_to_overwrite_checkpoints_it_cannot_read(coco, unint
     assert (tmp_path / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
 
 
+def test_a_new_run_refuses_a_folder_with_another_run(coco, uninterrupted, tmp_path):
+    """Without --resume or --auto_resume it would overwrite the checkpoints and append to the other run's log (whose
+    epoch lines would then stand for the new run's at a resume)."""
+    shutil.copy(uninterrupted / "log.txt", tmp_path / "log.txt")
+    shutil.copy(uninterrupted / "checkpoint0001.pth", tmp_path / "checkpoint0001.pth")
+    with pytest.raises(FileExistsError, match=r"--output_dir .* holds another run \(log\.txt, checkpoint0001\.pth\): "
+                                              r"a new run would overwrite"):
+        train(coco, tmp_path, "--epochs", 1)
+    assert (tmp_path / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint0001.pth", "log.txt"]
+
+
 def test_auto_resume_without_a_checkpoint_starts_a_new_run(coco, tmp_path, capsys):
     train(coco, tmp_path, "--auto_resume", "--epochs", 1)
     assert f"--auto_resume: no checkpoint in {tmp_path} yet, starting a new run" in capsys.readouterr().out

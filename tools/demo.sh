@@ -12,7 +12,7 @@ start=$(date +%s)
 
 python tools/make_synthetic_coco.py --out data/synthetic --num_train 800 --num_val 100 --seed 0
 
-rm -f "$EXP_DIR/log.txt"
+rm -f "$EXP_DIR"/log*.txt "$EXP_DIR"/checkpoint*.pth   # the demo starts anew each time
 bash "$CONFIG" "$@"
 trained=$(date +%s)
 

@@ -158,6 +158,14 @@ def remove_temporaries(output_dir):
     return removed
 
 
+def previous_run_files(output_dir):
+    """The files of an earlier training run in output_dir that a new run would overwrite or append to: its
+    checkpoints and logs (names, [] when there are none)."""
+    output_dir = Path(output_dir)
+    named = [output_dir / name for name in (LATEST, "log.txt", ITERATION_LOG)]
+    return [p.name for p in named if p.is_file()] + [p.name for p in epoch_copies(output_dir)]
+
+
 def find_resume_checkpoint(output_dir, report=print):
     """(path, checkpoint) to resume a run in output_dir from: checkpoint.pth, else, when it is missing or cannot
     be read (named in a report line), the newest per-epoch copy that loads; (None, None) when there is none.
