@@ -4,7 +4,6 @@ import json
 import os
 import runpy
 import shutil
-import stat
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from model_helpers import ROOT, SMALL, TWO_STAGE_HYBRID, build, parse
 from PIL import Image
-from test_output_dir import run_unprivileged
+from test_output_dir import read_only_folder, run_unprivileged
 
 from datasets import build_dataset
 from datasets.synthetic import make_synthetic_coco
@@ -202,17 +201,12 @@ def test_an_unusable_out_is_reported_before_the_model_loads(tmp_path, monkeypatc
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="permission bits and prctl are Linux's")
 def test_a_read_only_out_is_reported_before_the_model_loads(tmp_path):
-    read_only = tmp_path / "read_only"
-    read_only.mkdir()
-    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    try:
+    with read_only_folder(tmp_path / "read_only") as read_only:
         result = run_unprivileged(sys.executable, "tools/infer.py", "--images", tmp_path, "--out",
                                   read_only / "detections", "--resume", tmp_path / "missing.pth")
         assert result.stderr == (f"infer: --out {read_only / 'detections'}: cannot write in {read_only} (mode "
                                  f"0o555, owner uid {os.geteuid()}; this process runs as uid {os.geteuid()})\n")
         assert result.returncode == 1 and list(read_only.iterdir()) == []
-    finally:
-        read_only.chmod(0o755)
 
 
 def test_command_line_error_is_one_line(monkeypatch, tmp_path):

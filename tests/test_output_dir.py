@@ -1,4 +1,5 @@
 """An --output_dir that cannot hold the run's files fails first thing, naming the path and the reason (issue 27)."""
+import contextlib
 import ctypes
 import os
 import stat
@@ -42,6 +43,18 @@ def _without_root_overrides():
             os._exit(97)
 
 
+@contextlib.contextmanager
+def read_only_folder(path):
+    """An empty folder at `path` with mode 0o555 for the duration (writable again afterwards, for tmp_path's
+    clean-up)."""
+    path.mkdir()
+    path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
 def run_unprivileged(*cmd):
     """Run cmd in the repository root where the permission bits hold (as root: without its overrides)."""
     preexec = _without_root_overrides if os.geteuid() == 0 else None
@@ -54,10 +67,7 @@ def run_unprivileged(*cmd):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="permission bits and prctl are Linux's")
 def test_an_unwritable_output_dir_fails_at_start_naming_the_path_and_reason(tmp_path):
-    read_only = tmp_path / "read_only"
-    read_only.mkdir()
-    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    try:
+    with read_only_folder(tmp_path / "read_only") as read_only:
         # the data path does not exist: a run that got as far as reading data would fail with another error
         result = run_unprivileged(sys.executable, "main.py", "--device", "cpu", "--coco_path", tmp_path / "no_data",
                                   "--output_dir", read_only)
@@ -73,5 +83,3 @@ def test_an_unwritable_output_dir_fails_at_start_naming_the_path_and_reason(tmp_
         assert last == (f"PermissionError: --output_dir {read_only / 'run'}: cannot create it (Permission denied: "
                         f"{read_only / 'run'})"), result.stderr
         assert list(read_only.iterdir()) == []
-    finally:
-        read_only.chmod(0o755)

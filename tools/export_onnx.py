@@ -73,8 +73,9 @@ def main(argv=None):
     import_onnx_packages()
     if args.opset is not None and args.opset not in supported_opsets():
         raise ValueError(f"--opset {args.opset}: {opsets_written()}")
-    if tta_flags(rest):
-        raise ValueError(f"{', '.join(tta_flags(rest))}: the export writes the single-scale evaluation graph; the "
+    tta = tta_flags(rest)
+    if tta:
+        raise ValueError(f"{', '.join(tta)}: the export writes the single-scale evaluation graph; the "
                          "multi-scale test runs in PyTorch (main.py --eval --tta, tools/infer.py --tta)")
     check_output_path(args.out, "--out", directory=False)  # before the model is built and exported
     if not args.no_check:

@@ -118,9 +118,10 @@ def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, samplin
         if not tensor.is_floating_point():
             raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
     if level_sizes is None and value_spatial_shapes.device.type == "cpu":
-        level_sizes = as_level_sizes(value_spatial_shapes)  # free on the host
-    if level_sizes is not None:
-        _check_level_sizes(as_level_sizes(level_sizes), value.shape[1], sampling_locations.shape[3])
+        level_sizes = value_spatial_shapes  # read for free on the host
+    sizes = None if level_sizes is None else as_level_sizes(level_sizes)
+    if sizes is not None:
+        _check_level_sizes(sizes, value.shape[1], sampling_locations.shape[3])
     if use_compiled(value):
         dtype = compute_dtype(value.device, value, sampling_locations, attention_weights)
         kernel_value = value if weights_dtype(value) == dtype else value.to(dtype)
@@ -128,7 +129,7 @@ def ms_deform_attn(value, value_spatial_shapes, value_level_start_index, samplin
                                          sampling_locations.to(dtype), attention_weights.to(dtype), im2col_step)
         return output.to(value.dtype)
     dtype = compute_dtype(torch.device("cpu"), value, sampling_locations, attention_weights)
-    sizes = as_level_sizes(value_spatial_shapes if level_sizes is None else level_sizes)
+    sizes = as_level_sizes(value_spatial_shapes) if sizes is None else sizes
     # autocast would choose grid_sample's dtype itself
     autocast_on = value.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(value.device.type)
     with torch.autocast(value.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
