@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader
 import datasets.samplers as samplers
 import util.amp as mixed_precision
 import util.misc as utils
-from datasets import build_dataset, check_same_categories, get_coco_api_from_dataset, num_classes_from_annotations
+from datasets import (
+    build_dataset,
+    check_same_categories,
+    dataset_fingerprint,
+    get_coco_api_from_dataset,
+    num_classes_from_annotations,
+)
 from datasets.coco import COCO_SPLITS, dataset_root
 from datasets.tta import TestTimeAugmentation, collate_views
 from engine import TrainingRun, evaluate, print_ap
@@ -28,6 +34,7 @@ from util.arguments import (  # noqa: F401 (upstream's names)
     check_packages,
     get_args_parser,
     missing_packages,
+    shared_flags,
 )
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
 from util.download import DownloadError
@@ -38,8 +45,10 @@ from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_sta
     find_resume_checkpoint,
     previous_run_files,
     remove_temporaries,
+    resume_position,
     resume_training_state,
     seed_everything,
+    start_description,
 )
 
 
@@ -60,6 +69,8 @@ def derived_settings(args):
     args.amp = mixed_precision.amp_mode(args)
     args.use_fp16 = args.amp == "fp16"  # upstream's name, read by upstream's scripts
     utils.init_distributed_mode(args)
+    utils.check_same_on_every_rank("their flags", shared_flags(args), "every node must run the same command (the "
+                                   "same config script and flags)")
     check_device(args)
     args.num_classes = num_classes_of(args)
     return args
@@ -118,7 +129,7 @@ def resume_checkpoint(args, output_dir):
                 raise FileNotFoundError(f"--eval --auto_resume: no checkpoint in {output_dir} to evaluate")
             print(f"--auto_resume: no checkpoint in {output_dir} yet, starting a new run", flush=True)
             return None, None
-        at = checkpoint.get("in_epoch", {"epoch": checkpoint.get("epoch", -1) + 1, "iteration": 0})
+        at = resume_position(checkpoint)
         print(f"--auto_resume: resuming from {path} (epoch {at['epoch']}, iteration {at['iteration']})", flush=True)
         return str(path), checkpoint
     return None, None
@@ -172,6 +183,12 @@ def main(args):
                          "--auto_resume with a checkpoint in --output_dir")
     model, criterion, postprocessors = build_model(args)
     load_weights(args, model, source, checkpoint)
+    utils.check_same_on_every_rank(
+        "where they start and what they read",
+        {"starting from": start_description(checkpoint), "training set": dataset_fingerprint(dataset_train),
+         "validation set": dataset_fingerprint(dataset_val)},
+        "--output_dir must be one folder that every node shares (its checkpoints decide where --auto_resume "
+        "continues), and every node must read the same checkpoint and annotation files")
     model.to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

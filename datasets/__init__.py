@@ -1,4 +1,6 @@
 """Dataset construction for training and evaluation."""
+import hashlib
+
 from torch.utils.data import Subset
 
 from .coco import CocoDetection, num_classes_from_annotations  # noqa: F401
@@ -30,6 +32,20 @@ def check_same_categories(dataset_train, dataset_val):
     train, val = _coco_dataset(dataset_train), _coco_dataset(dataset_val)
     if train is not None and val is not None:
         check_coco_categories(train.coco.cats, train.ann_file, val.coco.cats, val.ann_file)
+
+
+def dataset_fingerprint(dataset):
+    """'N images (digest)', the digest of the COCO images behind `dataset` (ids, file names, annotation counts):
+    equal on processes that read the same annotation file; "none" without a dataset."""
+    if dataset is None:
+        return "none"
+    coco = getattr(_coco_dataset(dataset), "coco", None)
+    if coco is None:
+        return f"{len(dataset)} images"
+    digest = hashlib.sha1()
+    for image_id in sorted(coco.imgs):
+        digest.update(f"{image_id}:{coco.imgs[image_id].get('file_name')}:{len(coco.imgToAnns[image_id])};".encode())
+    return f"{len(dataset)} images (digest {digest.hexdigest()[:12]})"
 
 
 def build_dataset(image_set, args):

@@ -6,6 +6,7 @@ Every run is main.py under torchrun on CPU with gloo (2 processes, batch 1 each:
 import datetime
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from test_distributed import free_port, subprocess_env
 from test_resume import epoch_lines, flags, losses, process_tree
 
 import main as project_main
+import util.arguments
 import util.misc
 from datasets.synthetic import make_synthetic_coco
 from util.checkpoint import load_checkpoint
@@ -132,6 +134,66 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(coco, one_node_of_two
     for rank, node in enumerate(nodes):
         assert f"distributed init (rank {rank} of 2, backend gloo)" in node.output()
     assert_same_run(out, one_node_of_two)
+
+
+def two_nodes(coco, outs, extras=((), ())):
+    """Node 0 and node 1 (one process each) on their own --output_dir and extra flags; their exit codes and logs."""
+    port = free_port()
+    nodes = [torchrun(coco, out, "--nnodes", 2, "--node_rank", rank, "--nproc_per_node", 1, *LOCALHOST,
+                      "--master_port", port, extra=extra, log=f"{out}.node{rank}.log")
+             for rank, (out, extra) in enumerate(zip(outs, extras))]
+    return [node.wait() for node in nodes], [node.output() for node in nodes]
+
+
+def test_nodes_that_do_not_share_the_run_folder_stop_before_training(coco, one_node_of_two, tmp_path):
+    """Node 0's folder holds the run's checkpoints, node 1's (not shared) none: with --auto_resume node 0 resumed
+    epoch 2 while node 1 started epoch 0 and both trained on, until node 1 hung alone. Every process stops before
+    training, naming where each starts."""
+    folders = [tmp_path / "node0_disk", tmp_path / "node1_disk"]
+    shutil.copytree(one_node_of_two, folders[0])
+    codes, outputs = two_nodes(coco, folders, [("--epochs", 3, "--auto_resume")] * 2)
+    assert codes == [1, 1], "\n".join(outputs)
+    for output in outputs:
+        assert re.search(r"RuntimeError: the processes differ in where they start and what they read \(rank 0 on "
+                         r"\S+: starting from epoch 2 iteration 0 \(weights [0-9a-f]{12}\); rank 1 on \S+: starting "
+                         r"from nothing \(a new run\)\): --output_dir must be one folder that every node shares",
+                         output), output[-3000:]
+        assert "Epoch 0 [" not in output and "Epoch 2 [" not in output
+    assert losses(folders[0]) == losses(one_node_of_two)  # the run's own logs untouched
+
+
+def test_nodes_launched_with_other_flags_stop_at_start(coco, tmp_path):
+    """Node 1 run with another --lr (each process steps with its own learning rate: DDP averages the gradients,
+    not the weights, so the replicas drift apart without a word): both stop at start naming the flag."""
+    out = tmp_path / "run"
+    codes, outputs = two_nodes(coco, [out, out], [(), ("--lr", 1e-4)])
+    assert codes == [1, 1], "\n".join(outputs)
+    for output in outputs:
+        assert re.search(r"RuntimeError: the processes differ in their flags \(rank 0 on \S+: --lr 0\.0002; rank 1 on "
+                         r"\S+: --lr 0\.0001\): every node must run the same command", output), output[-3000:]
+    assert not (out / "log_iterations.txt").exists()
+
+
+def test_differing_processes_are_grouped_by_variant_and_host(monkeypatch):
+    """Of 10 processes on two hosts, ranks 3 and 9 hold another --epochs: the error names both variants, their ranks
+    (runs of ranks shortened) per host, and only the flags that differ; equal settings pass."""
+    held = [("a" if rank < 5 else "b", {"--lr": 2e-4, "--epochs": 36 if rank in (3, 9) else 12})
+            for rank in range(10)]
+    monkeypatch.setattr(util.misc, "get_world_size", lambda: 10)
+    monkeypatch.setattr(util.misc, "all_gather", lambda value: held)
+    with pytest.raises(RuntimeError) as raised:
+        util.misc.check_same_on_every_rank("their flags", held[0][1], "run the same command")
+    assert str(raised.value) == ("the processes differ in their flags (ranks 0-2, 4 on a, ranks 5-8 on b: --epochs 12; "
+                                 "rank 3 on a, rank 9 on b: --epochs 36): run the same command")
+    held = [(host, {"--lr": 2e-4}) for host, _ in held]
+    util.misc.check_same_on_every_rank("their flags", held[0][1], "run the same command")
+
+
+def test_per_process_flags_are_not_compared():
+    args = project_main.get_args_parser().parse_args(["--output_dir", "/node0/run", "--num_workers", "8"])
+    shared = util.arguments.shared_flags(args)
+    assert "--output_dir" not in shared and "--num_workers" not in shared and "--coco_path" not in shared
+    assert shared["--lr"] == 2e-4 and shared["--epochs"] == 50 and "--seed" in shared
 
 
 # --------------------------------------------------------------------------- elastic restart

@@ -273,6 +273,17 @@ def tta_problems(args):
     return problems
 
 
+# what one process or node may set for itself: set per process at the start of a distributed run, paths (a node
+# may mount a shared folder elsewhere; what they hold is compared once read), the node's data-loading workers
+PER_PROCESS_FLAGS = ("rank", "gpu", "device", "output_dir", "coco_path", "coco_panoptic_path", "resume", "finetune",
+                     "pretrained_backbone_path", "frozen_weights", "num_workers")
+
+
+def shared_flags(args):
+    """The flags of `args` that every process of a distributed run must share (all but PER_PROCESS_FLAGS)."""
+    return {f"--{name}": value for name, value in vars(args).items() if name not in PER_PROCESS_FLAGS}
+
+
 def argument_problems(args):
     """Every problem with the values of `args` (a main.py Namespace), one message per flag."""
     problems = []

@@ -343,6 +343,43 @@ def all_gather(data):
     return gathered
 
 
+def _rank_list(ranks):
+    """'0-7, 9' for [0, 1, ..., 7, 9]."""
+    spans = []
+    for rank in ranks:
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def check_same_on_every_rank(what, settings, advice):
+    """Every process holds the same `settings` (a dict of picklable values), else every process raises, naming
+    for each distinct variant the ranks and hosts that hold it and the values that differ. One process: nothing
+    to compare."""
+    if get_world_size() == 1:
+        return
+    gathered = all_gather((socket.gethostname(), settings))
+    variants = []  # [(settings, {host: [ranks]})], in rank order
+    for rank, (host, held) in enumerate(gathered):
+        holders = next((hosts for known, hosts in variants if known == held), None)
+        if holders is None:
+            holders = {}
+            variants.append((held, holders))
+        holders.setdefault(host, []).append(rank)
+    if len(variants) == 1:
+        return
+    keys = list(dict.fromkeys(key for held, _ in variants for key in held))
+    differing = [key for key in keys if any(held.get(key) != variants[0][0].get(key) for held, _ in variants)]
+    described = []
+    for held, hosts in variants:
+        where = ", ".join(f"rank{'s' if len(ranks) > 1 else ''} {_rank_list(ranks)} on {host}"
+                          for host, ranks in hosts.items())
+        described.append(f"{where}: " + ", ".join(f"{key} {held.get(key, '(none)')}" for key in differing))
+    raise RuntimeError(f"the processes differ in {what} ({'; '.join(described)}): {advice}")
+
+
 def reduce_dict(input_dict, average=True):
     """Average (or sum) a dict of scalar tensors over all processes; every process gets the result."""
     world_size = get_world_size()

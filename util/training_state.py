@@ -1,6 +1,7 @@
 """What an exact resume needs besides the weights and running averages (the seeds and random states, the
 optimizer and schedule restored), and the files of a run: which checkpoint to resume, temporaries left by killed
 saves, the per-epoch copies kept, the logs' lines past the point a run resumes from."""
+import hashlib
 import json
 import random
 import re
@@ -184,6 +185,32 @@ def find_resume_checkpoint(output_dir, report=print):
         raise RuntimeError(f"--auto_resume: no checkpoint in {output_dir} can be read ({names}), and a new run would "
                            "overwrite them: move them away to start afresh, or --resume a copy from elsewhere")
     return None, None
+
+
+def resume_position(checkpoint):
+    """{"epoch", "iteration"} at which training continues from `checkpoint` (a mid-epoch one's own position)."""
+    return checkpoint.get("in_epoch", {"epoch": checkpoint.get("epoch", -1) + 1, "iteration": 0})
+
+
+def weights_digest(state):
+    """A short digest of a state dict: its names, shapes and the first bytes of every tensor (training changes the
+    first elements of each trained tensor at every step), cheap for any model size."""
+    digest = hashlib.sha1()
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            head = tensor.detach().reshape(-1)[:16].contiguous().cpu().view(torch.uint8)
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def start_description(checkpoint):
+    """Where a run starts, comparable across processes: nothing (a new run), or the resumed checkpoint's position
+    and weights (its path may differ from node to node)."""
+    if checkpoint is None:
+        return "nothing (a new run)"
+    at = resume_position(checkpoint)
+    return f"epoch {at['epoch']} iteration {at['iteration']} (weights {weights_digest(checkpoint['model'])})"
 
 
 # ------------------------------------------------------------------------------------------- logs
