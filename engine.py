@@ -452,7 +452,10 @@ class TrainingRun:
                 self.scheduler.step()
                 stats = self.finish_epoch(epoch, train_stats)
                 if self.preemption.requested():
-                    self.stop(epoch, len(self.loader_train))
+                    if epoch + 1 < args.epochs:
+                        self.stop(epoch, len(self.loader_train))
+                    print(f"received {self.preemption.name} during the last epoch's end: the run is complete "
+                          "(nothing left to stop)", flush=True)
         if self.tensorboard is not None:
             self.tensorboard.close()
         return stats

@@ -207,6 +207,23 @@ def test_a_stop_signal_saves_after_the_iteration_and_exits(coco, uninterrupted_s
     assert_same_run(tmp_path, uninterrupted_subprocess)
 
 
+def test_a_stop_signal_during_the_last_evaluation_ends_the_run_normally(coco, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the last epoch is evaluated: everything is saved and logged by then, so the run ends as a
+    complete one (it exited with 143 and a "resume with" message for a run with nothing left to train)."""
+    evaluate = engine.evaluate
+
+    def evaluate_then_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler of the training run only notes it
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_signalled)
+    stats = train(coco, tmp_path, "--epochs", 1)
+    assert stats is not None and "coco_eval_bbox" in stats
+    output = capsys.readouterr().out
+    assert "received SIGTERM during the last epoch's end: the run is complete (nothing left to stop)" in output
+    assert [entry["epoch"] for entry in lines(tmp_path / "log.txt")] == [0]
+
+
 def test_ctrl_c_twice_stops_at_once_but_not_during_the_stop_save(tmp_path):
     """A second Ctrl-C before the stop's save stops at once (Preempted, nothing saved); one during a save
     interrupts it without harm (saves are atomic: the previous file stays, no temporary is left); once the stop
