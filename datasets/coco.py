@@ -179,7 +179,13 @@ class CocoDetection(Dataset):
         annotations = self.coco.imgToAnns.get(image_id, [])
         target = coco_annotations_to_target(annotations, image_id, *image.size)
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            try:
+                image, target = self.transforms(image, target)
+            except Exception as error:  # the loader's traceback says which image (Python 3.11+ shows notes)
+                if hasattr(error, "add_note"):
+                    error.add_note(f"while transforming image {image_id} "
+                                   f"({self._image_path(image_id)}, {image.size[0]}x{image.size[1]})")
+                raise
         return image, target
 
 

@@ -300,6 +300,19 @@ def _report_boxes_outside(annotations, image_sizes, path):
                           stacklevel=2)
 
 
+def _report_zero_areas(annotations, path):
+    """One warning for objects whose 'area' is 0 while their box is not empty: COCO's evaluation takes the area, not
+    the box, to file an object as small, medium or large, so these all count as small."""
+    zero = [ann for ann in annotations
+            if ann["area"] == 0 and not ann["iscrowd"] and ann["bbox"][2] > 0 and ann["bbox"][3] > 0]
+    if zero and is_main_process():
+        examples = "; ".join(f"annotation {ann['id']}: bbox {_short(ann['bbox'])}" for ann in zero[:EXAMPLES])
+        warnings.warn(f"{path}: {len(zero)} annotations have 'area' 0 but a box of some size (e.g. {examples}): COCO's "
+                      "evaluation files them as small objects, so AP_small / AP_medium / AP_large are wrong; remove "
+                      "their 'area' to have it computed from the segmentation or the box", AnnotationWarning,
+                      stacklevel=2)
+
+
 def check_coco_annotations(data, path):
     """Check the object of an annotation file against what COCO's tools expect, fill in missing area and iscrowd
     (in place) and return it. Every problem found is named in one error (the first few entries of each kind)."""
@@ -328,6 +341,7 @@ def check_coco_annotations(data, path):
         raise annotation_error(path, "; ".join(problems))
     _fill_missing_fields(annotations, path)
     _report_boxes_outside(annotations, image_sizes, path)
+    _report_zero_areas(annotations, path)
     return data
 
 

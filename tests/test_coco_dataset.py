@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -129,6 +130,28 @@ def test_corrupt_image_file(root_copy, damage):
 
 
 @pytest.mark.filterwarnings("ignore:.*boxes:datasets.coco_file.AnnotationWarning")  # the boxes outside, on purpose
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+def test_an_image_that_fails_to_transform_is_named_in_the_loaders_error(synthetic_root):
+    """Any error of the transforms (an odd image the pipeline cannot take) names the image's id and file, also
+    when raised in a DataLoader worker."""
+    dataset = build_dataset("train", make_args(synthetic_root))
+
+    def failing(image, target):
+        raise ValueError("height and width must be > 0")
+
+    dataset.transforms = failing
+    image_id = dataset.ids[2]
+    info = dataset.coco.imgs[image_id]
+    note = (f"while transforming image {image_id} ({synthetic_root / 'train2017' / info['file_name']}, "
+            f"{info['width']}x{info['height']})")
+    with pytest.raises(ValueError) as raised:
+        dataset[2]
+    assert raised.value.__notes__ == [note]
+    loader = DataLoader(Subset(dataset, [2]), batch_size=1, num_workers=1, collate_fn=collate_fn)
+    with pytest.raises(ValueError, match=re.escape(note)):
+        next(iter(loader))
+
+
 def test_image_without_annotations_crowd_and_clamping(root_copy):
     data = load_json(root_copy, "val")
     first, second = data["images"][0], data["images"][1]

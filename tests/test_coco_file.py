@@ -40,8 +40,8 @@ def refused(tmp_path, data, pattern):
         load_coco_annotations(path)
 
 
-def perfect_ap(coco):
-    """COCO AP of the ground truth's own boxes as detections."""
+def perfect_stats(coco):
+    """COCO's 12 summary figures for the ground truth's own boxes as detections."""
     evaluator = CocoEvaluator(coco, ("bbox",))
     for image_id in coco.getImgIds():
         anns = coco.imgToAnns[image_id]
@@ -51,7 +51,12 @@ def perfect_ap(coco):
                                      "labels": torch.tensor([a["category_id"] for a in anns])}})
     evaluator.accumulate()
     evaluator.summarize(table=False)
-    return evaluator.stats()[0]
+    return evaluator.stats()
+
+
+def perfect_ap(coco):
+    """COCO AP of the ground truth's own boxes as detections."""
+    return perfect_stats(coco)[0]
 
 
 def test_the_synthetic_demo_files_load_unchanged_and_without_warnings(tmp_path):
@@ -214,6 +219,26 @@ def test_boxes_without_area_in_their_image_are_reported(tmp_path):
                                                r"0, 30\] in a 100 x 80 image; annotation 2: "):
         coco = load_coco_api(path)
     assert perfect_ap(coco) < 0.7  # what the warning says: not even its own copy matches the zero-width box
+
+
+def test_area_zero_on_a_real_box_is_reported(tmp_path):
+    """A converter's 'area' 0 files a 40 x 40 object as small in COCO's evaluation (its AP by size is wrong): one
+    warning naming it; a crowd region or an empty box with area 0 is not reported."""
+    data = minimal()
+    data["annotations"][2]["area"] = 0
+    data["annotations"].append({"id": 4, "image_id": 2, "category_id": 2, "bbox": [50, 50, 20, 20], "area": 0,
+                                "iscrowd": 1})
+    path = write(tmp_path, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coco = load_coco_api(path)
+    assert [str(w.message) for w in caught] == [
+        f"{path}: 1 annotations have 'area' 0 but a box of some size (e.g. annotation 3: bbox [0, 0, 40, 40]): COCO's "
+        "evaluation files them as small objects, so AP_small / AP_medium / AP_large are wrong; remove their 'area' to "
+        "have it computed from the segmentation or the box"]
+    # what it warns of: the one medium-sized (32^2 to 96^2 pixels) object counts as small, no AP for medium ones
+    assert perfect_stats(coco)[4] == -1
+    assert perfect_stats(load_coco_api(write(tmp_path, minimal())))[4] == pytest.approx(1)
 
 
 def test_boxes_reaching_past_the_image_are_reported_with_the_xyxy_hint(tmp_path):

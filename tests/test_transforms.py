@@ -117,6 +117,23 @@ def test_get_size_with_aspect_ratio_follows_detr():
     assert T.get_size_with_aspect_ratio((800, 600), 600, 1333) == (600, 800)  # already at size
 
 
+@pytest.mark.parametrize("image_set", ["train", "val"])
+@pytest.mark.parametrize("width, height", [(4000, 1), (1, 4000)])
+def test_an_image_thinner_than_one_to_twice_max_size_is_one_pixel_across(image_set, width, height):
+    """Upstream's size for a 4000x1 image at 800 / 1333 is 0 pixels across, and the resize fails; it is 1 pixel
+    across and max_size along, its box still on it."""
+    long_first = (1, 1333) if width > height else (1333, 1)
+    assert T.get_size_with_aspect_ratio((width, height), 800, 1333) == long_first
+    image = Image.new("RGB", (width, height), "white")
+    target = {"boxes": torch.tensor([[0.0, 0.0, width, height]]), "labels": torch.tensor([1]),  # any crop keeps it
+              "area": torch.tensor([width * height]), "iscrowd": torch.tensor([0]),
+              "orig_size": torch.tensor([height, width]), "size": torch.tensor([height, width])}
+    random.seed(0)
+    tensor, out = T.make_coco_transforms(image_set)(image, target)
+    assert 1 <= min(tensor.shape[1:]) and max(tensor.shape[1:]) <= 1333
+    assert out["boxes"].shape == (1, 4) and bool(((out["boxes"] >= 0) & (out["boxes"] <= 1)).all())
+
+
 def test_random_resize_bounds():
     random.seed(0)
     image, target = make_sample()

@@ -108,6 +108,8 @@ def get_size_with_aspect_ratio(image_size, size, max_size=None):
         short, long = float(min(w, h)), float(max(w, h))
         if long / short * size > max_size:
             size = int(round(max_size * short / long))
+            if size < 1:  # thinner than 1 : 2 * max_size: one pixel across, max_size along (0 pixels: an error)
+                return (1, max_size) if w >= h else (max_size, 1)
     if (w <= h and w == size) or (h <= w and h == size):
         return h, w
     if w < h:
