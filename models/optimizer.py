@@ -27,9 +27,22 @@ def backbone_param_groups(args, model, named):
     return [group]
 
 
+def check_group_names(args, model):
+    """--lr_backbone_names and --lr_linear_proj_names each match some parameter of the model (frozen ones count):
+    a list that matches none (a typo: `backbone0`) would train those parameters at --lr without a word."""
+    names = [n for n, _ in model.named_parameters()]
+    for flag in ("lr_backbone_names", "lr_linear_proj_names"):
+        keywords = getattr(args, flag)
+        if not any(match_name_keywords(n, keywords) for n in names):
+            prefixes = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise ValueError(f"--{flag} {' '.join(keywords)} matches no parameter of the model: every parameter "
+                             f"would train at --lr (parameter names contain, e.g., {', '.join(prefixes[:8])})")
+
+
 def build_optimizer(args, model):
     """AdamW (or SGD) with three kinds of groups: backbone (--lr_backbone; one group per layer of a ViT), linear
     projections (--lr * --lr_linear_proj_mult) and the rest (--lr)."""
+    check_group_names(args, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     backbone = [(n, p) for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
     linear_proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]

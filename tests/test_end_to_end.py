@@ -179,6 +179,21 @@ def test_main_with_its_default_flags_trains(tmp_path):
     assert "train_loss_ce" in log and not any("one2many" in key for key in log)
 
 
+@pytest.mark.parametrize("flag", ["--lr_backbone_names", "--lr_linear_proj_names"])
+def test_parameter_group_names_that_match_nothing_are_refused(flag):
+    """A typo in a name list left its parameters at --lr, silently (10x --lr_backbone for the backbone)."""
+    from models import build_model
+
+    args = parse("--coco_path", "unused", "--num_classes", 7, "--no_pretrained_backbone", flag, "backbone0")
+    model, _, _ = build_model(args)
+    with pytest.raises(ValueError, match=rf"^{flag} backbone0 matches no parameter of the model: every parameter "
+                                         r"would train at --lr \(parameter names contain, e\.g\., backbone\.0, "):
+        project_main.build_optimizer(args, model)
+    frozen = parse("--coco_path", "unused", "--num_classes", 7, "--no_pretrained_backbone", "--lr_backbone", 0)
+    optimizer, _ = project_main.build_optimizer(frozen, build_model(frozen)[0])  # a frozen backbone's names match
+    assert [len(g["params"]) for g in optimizer.param_groups][1] == 0
+
+
 def test_adamw_is_fused_also_after_resuming_an_unfused_optimizer():
     """The optimizer is upstream's AdamW in its fused kernel; an upstream checkpoint's optimizer state (not fused)
     resumes with its moments and keeps the fused kernel of this run."""
