@@ -223,6 +223,7 @@ def test_compare_alternates_the_precisions_and_reports_the_ratios(capsys):
     args, rest = TOOL["benchmark_args_parser"]().parse_known_args(
         ["--train", "--image_size", "64", "80", "--image_size", "72", "64", "--num_iters", "4", "--warm_iters", "1",
          "--threads", "1", "--compare", "fp32", "bf16", "--rounds", "2", *FLAGS])
+    args = TOOL["tool_options"](args)
     model_args = TOOL["main_arguments"](TOOL["get_args_parser"](), rest)
     summary = TOOL["compare_precisions"](args, rest, model_args, run=fake_run)
     assert [amp for amp, _ in runs] == ["fp32", "bf16", "fp32", "bf16"]  # alternated
@@ -261,7 +262,42 @@ def test_compare_errors(argv, message):
         TOOL["main"](["--image_size", "64", "64", *FLAGS, *argv])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "5"], "--rounds needs --compare: without it nothing reads --rounds"),
+    (["--profile_rows", "30"], "--profile_rows needs --profile"),
+    (["--boxes", "50"], r"--boxes needs --train with --image_size \(the random images it places boxes on\)"),
+    (["--eval", "--tta"], "--tta: benchmark times one forward pass at one scale"),
+    (["--compile"], "--compile: benchmark times the eager model; tools/benchmark_compile.py"),
+])
+def test_options_that_nothing_would_read_are_refused(argv, message):
+    """They were accepted and ignored: the figure printed was of something else than asked."""
+    with pytest.raises(ValueError, match=message):
+        TOOL["main"](["--image_size", "64", "64", *FLAGS, *argv])
+    with pytest.raises(ValueError, match="--boxes needs --train with --image_size"):
+        TOOL["main"](["--train", "--boxes", "5", *FLAGS])  # dataset images: their own boxes
+
+
 def test_a_failed_run_of_compare_names_it(tmp_path):
     with pytest.raises(RuntimeError, match=r"the round 1 fp32 run failed \(exit status 1\): benchmark: .*batch_size"):
         TOOL["_run_in_process"](["--image_size", "64", "64", "--batch_size", "-1", *FLAGS], tmp_path / "r.json",
                                 "round 1 fp32")
+
+
+def test_benchmark_compile_times_the_precision_asked_for(monkeypatch, capsys):
+    """tools/benchmark_compile.py ran every step in fp32 whatever --amp (or a config's --use_fp16) said. Compiling
+    is stubbed out here (the compiled model is the eager one): what is checked is the precision of the steps."""
+    import util.amp
+
+    tool = runpy.run_path(str(ROOT / "tools" / "benchmark_compile.py"))
+    seen = []
+    forward = util.amp.forward
+    monkeypatch.setattr(util.amp, "forward", lambda model, samples, device, amp: (seen.append(amp),
+                                                                                  forward(model, samples, device,
+                                                                                          amp))[1])
+    monkeypatch.setitem(tool["main"].__globals__, "compile_model", lambda model, device: model)
+    monkeypatch.setitem(tool["main"].__globals__, "graph_breaks", lambda *args: (1, []))
+    tool["main"](["--image_size", "64", "64", "--rounds", "2", "--eval", "--threads", "1", "--amp", "bf16", *FLAGS])
+    assert seen == ["bf16"] * 4  # 2 rounds of eager and "compiled"
+    assert "on cpu, 1 threads, bf16, median of 1 alternating rounds:" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="need --batch_size > 0"):
+        tool["main"](["--image_size", "64", "64", "--batch_size", "0", *FLAGS])

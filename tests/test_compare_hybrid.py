@@ -162,6 +162,10 @@ def script(*argv):
     (["--epochs", "2", "--seeds"], "--seeds needs a value"),
     (["--seed", "3"], "--seed is set by this script"),
     (["--output_dir=x"], "--output_dir=x is set by this script"),
+    # main.py's parser takes an unambiguous prefix for the flag: every run had seed 7, or another folder
+    (["--seeds", "2", "--see", "7"], "--see abbreviates --seed, which this script sets"),
+    (["--output=exps/elsewhere"], "--output=exps/elsewhere abbreviates --output_dir, which this script sets"),
+    (["--coco", "data/coco"], "--coco abbreviates --coco_path, which this script sets"),
 ])
 def test_script_rejects_bad_arguments(argv, message):
     result = script(*argv)

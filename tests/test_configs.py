@@ -75,7 +75,7 @@ def test_script_shape(path):
     lines = path.read_text().splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -x" in lines
-    assert "PY_ARGS=${@:1}" in lines
+    assert 'PY_ARGS=("$@")' in lines and lines[-1] == '    "${PY_ARGS[@]}"'  # each argument as given
     assert path.stat().st_mode & stat.S_IXUSR, "config scripts must be executable"
     exp_dir, flags = read_config_script(path)
     assert exp_dir.startswith("exps/")
@@ -178,11 +178,14 @@ def test_vit_name_matches_flags(path):
 def test_bash_passes_flags_then_extra_args(path, tmp_path):
     """Run the script for real with a fake `python`: the text reading above agrees with bash, extras go last."""
     exp_dir, flags = read_config_script(path)
-    extra = ["--resume", "ckpt.pth", "--eval"]
+    # upstream's unquoted ${PY_ARGS} expanded the pattern (ckpt1.pth exists: loaded instead), split "my coco"
+    # and dropped the empty value
+    (tmp_path / "ckpt1.pth").touch()
+    extra = ["--resume", "ckpt[1].pth", "--eval", "--coco_path", "data/my coco", "--tta_scales", ""]
     env = clean_env(fake_bin(tmp_path, "python"))
     out = run(["bash", str(path), *extra], env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["-u", "main.py", *flags, *extra]
+    assert out.stdout.split("\n")[:-1] == ["-u", "main.py", *flags, *extra]
 
 
 @pytest.mark.skipif(not REFERENCE.exists(), reason="reference list of the upstream configs not available")
@@ -248,12 +251,30 @@ def test_run_dist_launch_uses_python_variable(tmp_path):
     (["x", CONFIG], "positive integer"),
     (["00", CONFIG], "GPUS must be a positive integer, got '00'"),
     (["12", CONFIG], "multiple of GPUS_PER_NODE"),
+    # torchrun waited for the missing node without a word
+    (["8", CONFIG, {"NODE_RANK": "1"}], "NODE_RANK must be 0 to 0 for 1 node(s) of 8 GPUs, got '1'"),
+    (["16", CONFIG, {"NODE_RANK": "-1"}], "NODE_RANK must be 0 to 1 for 2 node(s) of 8 GPUs, got '-1'"),
+    (["16", CONFIG, {"NODE_RANK": "one"}], "NODE_RANK must be 0 to 1"),
 ])
 def test_run_dist_launch_rejects(tmp_path, argv, message):
-    out = run(["bash", str(LAUNCH), *argv], clean_env(fake_bin(tmp_path, "python")))
+    env = argv.pop() if argv and isinstance(argv[-1], dict) else {}
+    out = run(["bash", str(LAUNCH), *argv], clean_env(fake_bin(tmp_path, "python"), **env))
     assert out.returncode != 0
     assert message in out.stderr
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "exps/old/checkpoint0003.pth"], "--resume is set by this script"),  # it evaluated that one
+    (["--resu=x.pth"], "--resu=x.pth abbreviates --resume, which this script sets"),
+    (["--epochs", "1", "--output_dir", "exps/mine"], "--output_dir is set by this script"),
+    (["--eval"], "--eval is set by this script"),
+])
+def test_demo_refuses_the_flags_it_sets(tmp_path, argv, message):
+    """Before installing anything: the extra arguments also reached the evaluation, where they replaced the
+    checkpoint the demo had just trained."""
+    out = run(["bash", str(REPO / "tools" / "demo.sh"), *argv], clean_env(fake_bin(tmp_path, "python", "pip")))
+    assert out.returncode == 2 and out.stderr.strip() == f"demo.sh: {message}" and out.stdout == ""
 
 
 def test_launch_py_hands_over_to_torchrun(monkeypatch):
@@ -292,6 +313,9 @@ def test_run_dist_slurm_command(tmp_path):
     ("0", {}, "GPUS must be a positive integer"),
     ("", {}, "GPUS must be a positive integer"),
     ("8", {"GPUS_PER_NODE": "three"}, "GPUS_PER_NODE must be a positive integer"),
+    # as run_dist_launch.sh: 12 tasks held 2 nodes of 8 GPUs
+    ("12", {}, "GPUS (12) must be a multiple of GPUS_PER_NODE (8)"),
+    ("4", {"GPUS_PER_NODE": "8"}, "GPUS (4) must be a multiple of GPUS_PER_NODE (8)"),
 ])
 def test_run_dist_slurm_rejects(tmp_path, gpus, env, message):
     out = run(["bash", str(SLURM), "gpu", "hdetr", gpus, CONFIG], clean_env(fake_bin(tmp_path, "srun"), **env))

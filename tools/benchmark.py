@@ -66,16 +66,17 @@ def benchmark_args_parser():
                              "here as well override them")
     parser.add_argument("--train", action="store_true",
                         help="time training steps (forward, losses, backward) and their peak memory")
-    parser.add_argument("--boxes", type=int, default=10, help="random boxes per random image with --train")
+    parser.add_argument("--boxes", type=int, default=None,
+                        help="random boxes per random image with --train and --image_size (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timing, profile N more iterations (torch.profiler) and print the top "
                              "operators by self CPU time, with the share of casts and copies")
-    parser.add_argument("--profile_rows", type=int, default=15, help="operators listed by --profile")
+    parser.add_argument("--profile_rows", type=int, default=None, help="operators listed by --profile (default 15)")
     parser.add_argument("--compare", nargs="+", choices=AMP_MODES, default=None, metavar="PRECISION",
                         help="time the run in each of these precisions (fp32, bf16, fp16), each a fresh process, "
                              "alternated for --rounds rounds; print the medians and their ratios to the first's")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of --compare (default 3)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the run's figures to FILE as JSON")
     return parser
 
@@ -231,7 +232,9 @@ def print_profile(run, iterations, rows, device):
 
 def _run_options(args):
     """The command-line options of this tool that define a run (what --compare gives each of its runs)."""
-    options = ["--num_iters", str(args.num_iters), "--warm_iters", str(args.warm_iters), "--boxes", str(args.boxes)]
+    options = ["--num_iters", str(args.num_iters), "--warm_iters", str(args.warm_iters)]
+    if args.train and args.image_size:
+        options += ["--boxes", str(args.boxes)]
     for name in ("batch_size", "resume", "config", "threads"):
         if getattr(args, name) is not None:
             options += [f"--{name}", str(getattr(args, name))]
@@ -312,8 +315,36 @@ def _write_json(path, amp, device, times, cpu_times, peak):
     Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
 
+OPTION_DEFAULTS = {"rounds": 3, "profile_rows": 15, "boxes": 10}
+
+
+def tool_options(args):
+    """args with OPTION_DEFAULTS filled in; an option given without the one that reads it is an error, not
+    ignored."""
+    readers = {"rounds": ("--compare", args.compare), "profile_rows": ("--profile", args.profile),
+               "boxes": ("--train with --image_size (the random images it places boxes on)",
+                         args.train and args.image_size)}
+    for name, (needed, present) in readers.items():
+        value = getattr(args, name)
+        if value is not None and not present:
+            raise ValueError(f"--{name} needs {needed}: without it nothing reads --{name}")
+        setattr(args, name, OPTION_DEFAULTS[name] if value is None else value)
+    return args
+
+
+def refuse_untimed_flags(model_args, tool):
+    """main.py flags whose work `tool` does not time: an error rather than a figure of something else."""
+    if model_args.tta:
+        raise ValueError(f"--tta: {tool} times one forward pass at one scale, not test-time augmentation (time "
+                         "main.py --eval --tta instead)")
+    if model_args.compile and tool == "benchmark":
+        raise ValueError("--compile: benchmark times the eager model; tools/benchmark_compile.py times compiled "
+                         "against eager")
+
+
 def main(argv=None):
     args, rest = benchmark_args_parser().parse_known_args(argv)
+    args = tool_options(args)
     if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
         raise ValueError(f"need 0 <= --warm_iters ({args.warm_iters}) < --num_iters ({args.num_iters})")
     batch_size = args.batch_size if args.batch_size is not None else len(args.image_size or [None])
@@ -332,6 +363,7 @@ def main(argv=None):
     model_args = main_arguments(get_args_parser(), rest, args.config)
     check_args(model_args)
     check_device(model_args)
+    refuse_untimed_flags(model_args, "benchmark")
     if args.compare:
         return compare_precisions(args, rest, model_args)
     device = torch.device(model_args.device)

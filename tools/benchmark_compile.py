@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.compile import compile_model  # noqa: E402
+from util import amp as mixed_precision  # noqa: E402
+from util.arguments import check_args, check_device  # noqa: E402
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
@@ -45,11 +47,11 @@ def compile_args_parser():
     return parser
 
 
-def one_step(model, criterion, images, targets, device, evaluation):
-    """Seconds of one training step (forward, losses, backward) or one evaluation forward."""
+def one_step(model, criterion, images, targets, device, evaluation, amp):
+    """Seconds of one training step (forward, losses, backward) or one evaluation forward, in precision `amp`."""
     if evaluation:
-        return BENCHMARK["measure"](model, nested_tensor_from_tensor_list(images), device, 1, 0)[0]
-    times, _ = BENCHMARK["measure_training"](model, criterion, images, targets, device, 1, 0)
+        return BENCHMARK["measure"](model, nested_tensor_from_tensor_list(images), device, 1, 0, amp)[0]
+    times, _ = BENCHMARK["measure_training"](model, criterion, images, targets, device, 1, 0, amp)
     return sum(series[0] for series in times.values())
 
 
@@ -71,11 +73,21 @@ def main(argv=None):
     args, rest = compile_args_parser().parse_known_args(argv)
     if args.rounds < 2:
         raise ValueError(f"--rounds must be at least 2 (the first is left out), got {args.rounds}")
-    batch_size = args.batch_size or len(args.image_size)
+    batch_size = args.batch_size if args.batch_size is not None else len(args.image_size)
+    if batch_size <= 0 or args.boxes < 0 or (args.threads is not None and args.threads <= 0):
+        raise ValueError(f"need --batch_size > 0, --boxes >= 0 and --threads > 0, got {batch_size}, {args.boxes} "
+                         f"and {args.threads}")
+    if min(min(size) for size in args.image_size) <= 0:
+        raise ValueError(f"--image_size must be positive, got {args.image_size}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_args = main_arguments(get_args_parser(), rest, args.config)
+    check_args(model_args)
+    check_device(model_args)
+    BENCHMARK["refuse_untimed_flags"](model_args, "benchmark_compile")
+    amp = mixed_precision.amp_mode(model_args)
     device = torch.device(model_args.device)
+    mixed_precision.warn_if_slow(device, amp, training=not args.eval)
     images, targets = BENCHMARK["random_batch"](args.image_size, batch_size, args.boxes,
                                                 model_args.num_classes or 91, device)
     model, criterion, _ = build_model(model_args)
@@ -89,7 +101,7 @@ def main(argv=None):
     for round_index in range(args.rounds):
         for name, net in (("eager", model), ("compiled", compiled)):
             start = time.perf_counter()
-            seconds = one_step(net, criterion, images, targets, device, args.eval)
+            seconds = one_step(net, criterion, images, targets, device, args.eval, amp)
             if round_index == 0 and name == "compiled":
                 print(f"first compiled step (compiling): {time.perf_counter() - start:.1f} s")
             if round_index > 0:
@@ -99,7 +111,8 @@ def main(argv=None):
     shapes = ", ".join(sorted({"x".join(map(str, image.shape[1:])) for image in images}))
     where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
     eager, fast = (statistics.median(times[name]) for name in ("eager", "compiled"))
-    print(f"{what}, batch {batch_size} ({shapes}) on {where}, median of {args.rounds - 1} alternating rounds:")
+    print(f"{what}, batch {batch_size} ({shapes}) on {where}, {amp}, median of {args.rounds - 1} alternating "
+          "rounds:")
     print(f"  eager {1000 * eager:.0f} ms, compiled {1000 * fast:.0f} ms, compiled / eager {fast / eager:.2f}")
     print(f"  dynamo: {graphs} graph(s), {len(reasons)} graph break(s)" + "".join(f"\n    - {r}" for r in reasons))
     return eager, fast

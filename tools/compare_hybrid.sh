@@ -24,14 +24,13 @@ NUM_VAL=100
 OUT=exps/demo/compare
 DRY_RUN=0
 EXTRA=()
+. tools/reserved_flags.sh
 die() { echo "compare_hybrid.sh: $*" >&2; exit 2; }
 positive() { [[ $2 =~ ^[0-9]+$ ]] && (( 10#$2 > 0 )) || die "$1 must be a whole number > 0, got '$2'"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --seeds=* | --num_train=* | --num_val=* | --out=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
         --seeds | --num_train | --num_val | --out) [ $# -ge 2 ] || die "$1 needs a value" ;;
-        --seed | --seed=* | --output_dir | --output_dir=* | --coco_path | --coco_path=*)
-            die "$1 is set by this script (use --seeds, --out, --num_train/--num_val)" ;;
         -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { print substr($0, 3) }' "$0"; exit 0 ;;
     esac
     case $1 in
@@ -40,7 +39,8 @@ while [ $# -gt 0 ]; do
         --num_val) positive "$1" "$2"; NUM_VAL=$((10#$2)); shift 2 ;;
         --out) OUT=${2%/}; shift 2 ;;
         --dry_run) DRY_RUN=1; shift ;;
-        *) EXTRA+=("$1"); shift ;;
+        *) refuse_reserved compare_hybrid.sh "$1" seed output_dir coco_path  # use --seeds, --out, --num_train/--num_val
+           EXTRA+=("$1"); shift ;;
     esac
 done
 

@@ -1,5 +1,6 @@
 # Sourced by the launchers: checks GPUS (the total) and sets GPUS_PER_NODE (default min(GPUS, 8)), both rewritten
-# as plain decimal numbers ("08" becomes 8: in $(( )) a leading zero would mean octal).
+# as plain decimal numbers ("08" becomes 8: in $(( )) a leading zero would mean octal), GPUS a multiple of
+# GPUS_PER_NODE, and sets NNODES.
 # Exits with status 2 and a message naming the launcher ($1) on bad values.
 
 _gpu_counts_fail() {
@@ -29,3 +30,7 @@ else
     GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 fi
 _gpu_counts_positive "$1" GPUS_PER_NODE
+if [ $((GPUS % GPUS_PER_NODE)) -ne 0 ]; then
+    _gpu_counts_fail "$1" "GPUS ($GPUS) must be a multiple of GPUS_PER_NODE ($GPUS_PER_NODE)"
+fi
+NNODES=$((GPUS / GPUS_PER_NODE))

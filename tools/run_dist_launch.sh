@@ -20,16 +20,16 @@ CONFIG=$2
 shift 2
 
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_counts.sh" "$0"
-if [ $((GPUS % GPUS_PER_NODE)) -ne 0 ]; then
-    echo "$0: GPUS ($GPUS) must be a multiple of GPUS_PER_NODE ($GPUS_PER_NODE)" >&2
-    exit 2
-fi
-
-NNODES=$((GPUS / GPUS_PER_NODE))
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+# torchrun waits for a node rank it will never see (out of range): no message, a hang
+if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ $((10#$NODE_RANK)) -ge "$NNODES" ]; then
+    echo "$0: NODE_RANK must be 0 to $((NNODES - 1)) for $NNODES node(s) of $GPUS_PER_NODE GPUs, got '$NODE_RANK'" >&2
+    exit 2
+fi
+NODE_RANK=$((10#$NODE_RANK))
 
 set -x
 exec ${PYTHON:-python} -m torch.distributed.run \

@@ -8,7 +8,8 @@ from pathlib import Path
 def read_config_script(path):
     """(EXP_DIR, the main.py flags with ${EXP_DIR} substituted) of a config script, read from its text.
 
-    The scripts set EXP_DIR, then run `python -u main.py <flags> ${PY_ARGS}`, with line continuations.
+    The scripts set EXP_DIR and PY_ARGS=("$@"), then run `python -u main.py <flags> "${PY_ARGS[@]}"`, with line
+    continuations (upstream's unquoted `${PY_ARGS}` ending is read too).
     """
     path = Path(path)
     if not path.is_file():
@@ -20,8 +21,8 @@ def read_config_script(path):
         raise ValueError(f"{path} is not a config script (it needs an EXP_DIR= line and a `python -u main.py` "
                          "command)")
     words = shlex.split(command.group(1))
-    if not words or words[-1] != "${PY_ARGS}":
-        raise ValueError(f"{path}: the main.py command must end with ${{PY_ARGS}}")
+    if not words or words[-1] not in ("${PY_ARGS[@]}", "${PY_ARGS}"):
+        raise ValueError(f"{path}: the main.py command must end with \"${{PY_ARGS[@]}}\" (the script's arguments)")
     return exp_dir.group(1), [w.replace("${EXP_DIR}", exp_dir.group(1)) for w in words[:-1]]
 
 

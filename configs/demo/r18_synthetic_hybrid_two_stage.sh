@@ -5,7 +5,7 @@
 set -x
 
 EXP_DIR=exps/demo/r18_synthetic_hybrid_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -39,4 +39,4 @@ python -u main.py \
     --epochs 12 \
     --lr_drop 10 \
     --print_freq 50 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

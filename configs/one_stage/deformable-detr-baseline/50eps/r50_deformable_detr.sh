@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/one_stage/deformable-detr-baseline/12eps/r50_deformable_detr
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -12,4 +12,4 @@ python -u main.py \
     --k_one2many 0 \
     --epochs 50 \
     --lr_drop 40 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

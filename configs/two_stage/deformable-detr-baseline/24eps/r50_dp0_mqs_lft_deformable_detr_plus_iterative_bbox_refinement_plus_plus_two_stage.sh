@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-baseline/24eps/r50_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -18,4 +18,4 @@ python -u main.py \
     --dropout 0.0 \
     --mixed_selection \
     --look_forward_twice \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

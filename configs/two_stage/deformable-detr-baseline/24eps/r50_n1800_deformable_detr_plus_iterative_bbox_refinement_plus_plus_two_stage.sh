@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-baseline/24eps/r50_n1800_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -15,4 +15,4 @@ python -u main.py \
     --k_one2many 0 \
     --epochs 24 \
     --lr_drop 20 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

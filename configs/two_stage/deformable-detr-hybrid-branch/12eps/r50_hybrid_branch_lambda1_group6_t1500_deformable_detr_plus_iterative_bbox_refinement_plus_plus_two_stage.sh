@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-hybrid-branch/12eps/r50_hybrid_branch_lambda1_group6_t1500_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -16,4 +16,4 @@ python -u main.py \
     --num_queries_one2many 1500 \
     --k_one2many 6 \
     --lambda_one2many 1.0 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

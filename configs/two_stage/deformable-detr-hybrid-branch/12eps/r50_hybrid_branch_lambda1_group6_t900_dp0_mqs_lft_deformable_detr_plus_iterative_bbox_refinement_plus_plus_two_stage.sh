@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-hybrid-branch/12eps/r50_hybrid_branch_lambda1_group6_t900_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -19,4 +19,4 @@ python -u main.py \
     --dropout 0.0 \
     --mixed_selection \
     --look_forward_twice \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-baseline/36eps/swin/drop_path0.5_swin_large_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -21,4 +21,4 @@ python -u main.py \
     --backbone swin_large \
     --pretrained_backbone_path /mnt/pretrained_backbone/swin_large_patch4_window7_224_22k.pth \
     --drop_path_rate 0.5 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

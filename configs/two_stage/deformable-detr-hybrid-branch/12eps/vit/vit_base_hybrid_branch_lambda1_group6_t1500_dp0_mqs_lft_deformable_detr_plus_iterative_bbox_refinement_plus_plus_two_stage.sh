@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-hybrid-branch/12eps/vit/vit_base_hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -24,4 +24,4 @@ python -u main.py \
     --pretrained_backbone_path pretrained_backbone/mae_pretrain_vit_base.pth \
     --use_checkpoint \
     --use_fp16 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"

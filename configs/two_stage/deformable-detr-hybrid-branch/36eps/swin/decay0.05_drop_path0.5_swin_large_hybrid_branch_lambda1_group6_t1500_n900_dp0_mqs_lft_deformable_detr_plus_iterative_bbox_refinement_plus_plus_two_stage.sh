@@ -3,7 +3,7 @@
 set -x
 
 EXP_DIR=exps/two_stage/deformable-detr-hybrid-branch/36eps/swin/drop_path0.5_swin_large_hybrid_branch_lambda1_group6_t1500_n900_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage
-PY_ARGS=${@:1}
+PY_ARGS=("$@")
 
 python -u main.py \
     --output_dir ${EXP_DIR} \
@@ -23,4 +23,4 @@ python -u main.py \
     --pretrained_backbone_path /mnt/pretrained_backbone/swin_large_patch4_window7_224_22k.pth \
     --drop_path_rate 0.5 \
     --weight_decay 0.05 \
-    ${PY_ARGS}
+    "${PY_ARGS[@]}"
