@@ -177,6 +177,15 @@ def test_checkpoint_without_arguments_needs_a_config(data, tmp_path):
     (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta", "--tta_scales", "0", "64"], ValueError,
      r"--tta_scales needs one or more shorter sides > 0 \(pixels\), got \[0, 64\]"),
     (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--tta_flip"], ValueError, "--tta_flip only act"),
+    # main.py's checks of values: --topk 0 wrote no detections, --val_scale 0 ran at the default size
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--topk", "0"], ValueError,
+     "bad flag values: --topk must be > 0, got 0"),
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--val_scale", "0"], ValueError,
+     "bad flag values: --val_scale must be > 0, got 0"),
+    # the config's flags replaced the saved ones: another evaluation size, no category names
+    (["--images", "EMPTY", "--out", "o", "--resume", "CKPT", "--config",
+      "configs/demo/r18_synthetic_hybrid_two_stage.sh"], ValueError,
+     "--config .*: .*checkpoint.pth holds the arguments it was trained with"),
 ])
 def test_bad_inputs(data, tmp_path, argv, error, message):
     checkpoint, _, _ = trained(data, tmp_path)

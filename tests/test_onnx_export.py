@@ -225,6 +225,9 @@ def test_an_unusable_out_or_tta_is_refused_before_the_model_loads(tmp_path, monk
              f"--out {tmp_path / 'file' / 'm.onnx'}: {tmp_path / 'file'} is not a directory"),
             (["--out", str(tmp_path / "m.onnx"), "--tta", "--tta_flip"],
              "--tta, --tta_flip: the export writes the single-scale evaluation graph; the multi-scale test runs in "
+             "PyTorch (main.py --eval --tta, tools/infer.py --tta)"),
+            (["--out", str(tmp_path / "m.onnx"), "--tta_max_dets", "5"],  # it was ignored
+             "--tta_max_dets: the export writes the single-scale evaluation graph; the multi-scale test runs in "
              "PyTorch (main.py --eval --tta, tools/infer.py --tta)")):
         monkeypatch.setattr(sys, "argv", ["tools/export_onnx.py", *argv, "--resume", str(tmp_path / "missing.pth")])
         with pytest.raises(SystemExit) as info:

@@ -313,20 +313,44 @@ def test_detections_of_other_images(rectangles, tmp_path):
         run(["--detections", detections, "--images", root / "val2017", "--out", tmp_path / "o"], BoxFiller())
 
 
+def test_category_ids_the_annotations_do_not_list_are_reported(rectangles, tmp_path, capsys):
+    """Ids numbered 0..K-1 instead of the file's: COCO's evaluation scores them 0 without a word; one warning."""
+    root, detections, data = rectangles
+    shifted = [dict(d, category_id=d["category_id"] - 1) for d in json.loads(detections.read_text())]
+    (tmp_path / "shifted.json").write_text(json.dumps(shifted))
+    assert run(["--detections", tmp_path / "shifted.json", "--coco_path", root, "--out", tmp_path / "o"],
+               BoxFiller()) == 0
+    listed = {c["id"] for c in data["categories"]}
+    strangers = sorted({d["category_id"] for d in shifted} - listed)
+    count = sum(d["category_id"] in strangers for d in shifted)
+    assert strangers and (f"warning: {count} detections of {tmp_path / 'shifted.json'} have category ids that "
+                          f"{root / 'annotations' / 'instances_val2017.json'} does not list "
+                          f"({', '.join(map(str, strangers))})") in capsys.readouterr().err
+    assert run(["--detections", detections, "--coco_path", root, "--out", tmp_path / "p"], BoxFiller()) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_tools_infer_detections_json_on_a_folder(rectangles, tmp_path):
     """tools/infer.py's detections.json: boxes matched to the folder's files by path, their sizes checked."""
     root, _, data = rectangles
     first = data["images"][0]
     box = [10.0, 12.0, 40.0, 30.0]
-    entries = [{"file": str(root / "val2017" / first["file_name"]), "width": first["width"],
-                "height": first["height"], "detections": [{"label": 2, "score": 0.7, "box": box}]}]
+    entries = [{"file": str(root / "val2017" / image["file_name"]), "width": image["width"],
+                "height": image["height"], "detections": [{"label": 2, "score": 0.7, "box": box}] * (image is first)}
+               for image in data["images"]]  # as tools/infer.py writes it: every image, those without boxes too
     (tmp_path / "infer.json").write_text(json.dumps(entries))
     filler = BoxFiller()
-    assert run(["--detections", tmp_path / "infer.json", "--images", root / "val2017", "--out", tmp_path / "out"],
-               filler) == 0
+    # a file named twice (its folder, then itself) is one image: it got two ids, the boxes only on the second
+    assert run(["--detections", tmp_path / "infer.json", "--images", root / "val2017",
+                root / "val2017" / first["file_name"], "--out", tmp_path / "out"], filler) == 0
     (mask,) = read(tmp_path / "out", "segm.json")
     assert mask["image_id"] == 1 and mask["category_id"] == 2 and decode(mask["segmentation"]).sum() == 30 * 18
     assert len(filler.embedded) == 1 and len(read(tmp_path / "out", "images.json")) == 3
+    (tmp_path / "partial.json").write_text(json.dumps(entries[:1]))  # the other images got no boxes, silently
+    with pytest.raises(ValueError, match=r"partial.json does not list 2 of the images given \(was tools/infer.py run "
+                                         r"on them\?\): .*val2017"):
+        run(["--detections", tmp_path / "partial.json", "--images", root / "val2017", "--out", tmp_path / "o"],
+            BoxFiller())
     entries[0]["width"] += 1
     (tmp_path / "infer.json").write_text(json.dumps(entries))
     with pytest.raises(ValueError, match="as 121 x 80 pixels, but it is 120 x 80: its boxes are for another image"):

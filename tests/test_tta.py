@@ -264,6 +264,9 @@ def test_bad_tta_flags_are_refused_naming_the_flag(flags, message):
     (["--tta"], "--tta .* needs --eval"),
     (["--eval", "--tta_flip"], "--tta_flip only act with --tta"),
     (["--eval", "--tta_scales", "400", "--tta_ranges", "0,inf"], "--tta_scales, --tta_ranges only act with --tta"),
+    # defaults that are numbers: given without --tta, they were ignored
+    (["--eval", "--tta_max_dets", "5", "--tta_vote_iou", "0.9", "--tta_max_size", "500"],
+     "--tta_max_size, --tta_vote_iou, --tta_max_dets only act with --tta"),
 ])
 def test_tta_options_without_their_mode_are_refused(flags, message):
     args = parse(["--coco_path", "/nonexistent", *flags])

@@ -47,7 +47,8 @@ def infer_args_parser():
 
 
 def image_paths(inputs):
-    """The image files among `inputs`, directories expanded (sorted); a missing path is an error."""
+    """The image files among `inputs`, directories expanded (sorted), each file once (a folder and a file in it
+    name it twice: kept where it comes first); a missing path is an error."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -58,7 +59,10 @@ def image_paths(inputs):
             raise FileNotFoundError(f"no image or directory at {item}")
     if not paths:
         raise FileNotFoundError(f"no image files in {' '.join(inputs)}")
-    return paths
+    first = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
 
 
 def drawing_names(paths):
@@ -98,13 +102,9 @@ def checkpoint_detector(args, rest):
     from datasets.tta import MultiScaleViews, TestTimeAugmentation
     from models.trained_model import trained_model
     from util import amp as mixed_precision
-    from util.arguments import tta_problems
     from util.misc import nested_tensor_from_tensor_list
 
-    model, postprocessors, model_args = trained_model(rest, args.config)
-    problems = tta_problems(model_args)
-    if problems:
-        raise ValueError("bad flag values: " + "; ".join(problems))
+    model, postprocessors, model_args = trained_model(rest, args.config)  # flag values checked there
     device = torch.device(model_args.device)
     mixed_precision.warn_if_slow(device, model_args.amp)
     transform = make_coco_transforms("val", **transform_options(model_args))

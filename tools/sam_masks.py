@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -116,6 +117,13 @@ def file_detections(path, images):
         if unknown:
             raise ValueError(f"{path} has detections for {len(unknown)} image ids that are not in {images.ann_file}: "
                              f"{', '.join(map(str, unknown[:10]))}{', ...' if len(unknown) > 10 else ''}")
+        categories = Counter(int(label) for dets in found.values() for label in dets.labels)
+        strangers = sorted(set(categories) - set(images.coco.getCatIds()))
+        if strangers:  # COCO's evaluation matches no ground truth to them: AP 0 for these boxes and masks
+            print(f"warning: {sum(categories[c] for c in strangers)} detections of {path} have category ids that "
+                  f"{images.ann_file} does not list ({', '.join(map(str, strangers[:10]))}"
+                  f"{', ...' if len(strangers) > 10 else ''}): COCO's evaluation counts them as wrong (are they "
+                  "numbered 0..K-1 rather than by the file's ids?)", file=sys.stderr)
         return lambda image_id, image: found.get(image_id, no_detections())
     if form == "files":
         ids = {p.resolve(): i for i, p in images.paths.items()}
@@ -124,9 +132,13 @@ def file_detections(path, images):
             raise ValueError(f"{path} has detections for {len(unknown)} files that are not among the images given: "
                              f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
         by_id = {ids[p]: entry for p, entry in found.items()}
+        unlisted = [str(images.paths[i]) for i in images.ids if i not in by_id]
+        if unlisted:  # tools/infer.py lists every image it ran on, those without detections too
+            raise ValueError(f"{path} does not list {len(unlisted)} of the images given (was tools/infer.py run on "
+                             f"them?): {', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}")
 
         def detections(image_id, image):
-            dets, size = by_id.get(image_id, (no_detections(), image.size))
+            dets, size = by_id[image_id]
             if tuple(size) != image.size:
                 raise ValueError(f"{path} lists {images.paths[image_id]} as {size[0]} x {size[1]} pixels, but it is "
                                  f"{image.width} x {image.height}: its boxes are for another image")

@@ -21,6 +21,9 @@ UPSTREAM_TTA_RANGES = {
 }
 UPSTREAM_TTA_SCALES = tuple(UPSTREAM_TTA_RANGES)
 UPSTREAM_TTA_MAX_SIZE = 3000  # longest side for the scales from the evaluation size up (--tta_max_size)
+# the --tta_* flags' defaults (a value other than its default is a flag given)
+TTA_DEFAULTS = {"tta_scales": None, "tta_ranges": None, "tta_max_size": UPSTREAM_TTA_MAX_SIZE, "tta_flip": False,
+                "tta_vote_iou": 0.66, "tta_max_dets": 1000}
 
 
 def get_args_parser():
@@ -173,9 +176,9 @@ def get_args_parser():
                      help="longest side of the scales from the evaluation size up (default %(default)s; smaller "
                           "scales: --max_size)")
     tta.add_argument("--tta_flip", action="store_true", help="also run every pass on the mirrored image")
-    tta.add_argument("--tta_vote_iou", default=0.66, type=float,
+    tta.add_argument("--tta_vote_iou", default=TTA_DEFAULTS["tta_vote_iou"], type=float,
                      help="IoU that groups detections for soft box voting (default %(default)s)")
-    tta.add_argument("--tta_max_dets", default=1000, type=int,
+    tta.add_argument("--tta_max_dets", default=TTA_DEFAULTS["tta_max_dets"], type=int,
                      help="detections kept per image after merging (default %(default)s)")
 
     # training techniques
@@ -249,8 +252,8 @@ def size_range(text):
 def tta_problems(args):
     """Problems with the test-time augmentation flags (main.py's and tools/infer.py's), one message per flag."""
     problems = []
-    given = [flag for flag, value in (("--tta_scales", args.tta_scales), ("--tta_ranges", args.tta_ranges),
-                                      ("--tta_flip", args.tta_flip)) if value is not None and value is not False]
+    # a flag counts as given when it differs from its default (None, False or a number)
+    given = [f"--{name}" for name, default in TTA_DEFAULTS.items() if getattr(args, name) != default]
     if given and not args.tta:
         problems.append(f"{', '.join(given)} only act with --tta")
     scales = args.tta_scales
@@ -284,8 +287,9 @@ def shared_flags(args):
     return {f"--{name}": value for name, value in vars(args).items() if name not in PER_PROCESS_FLAGS}
 
 
-def argument_problems(args):
-    """Every problem with the values of `args` (a main.py Namespace), one message per flag."""
+def value_problems(args):
+    """Every flag of `args` (a main.py Namespace) whose value cannot work, whatever the run does with it (training,
+    evaluation, a tool that rebuilds a trained model): one message per flag."""
     problems = []
 
     def check(ok, message):
@@ -296,8 +300,6 @@ def argument_problems(args):
         check(getattr(args, name) > 0, f"--{name} must be > 0, got {getattr(args, name)}")
     for name in NON_NEGATIVE_INTS + NON_NEGATIVE:
         check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not args.eval:
-        check(args.epochs > 0, f"--epochs must be > 0 to train, got {args.epochs}")
     check(args.hidden_dim % GROUP_NORM_GROUPS == 0,
           f"--hidden_dim must be a multiple of {GROUP_NORM_GROUPS} (the input projections' GroupNorm groups), "
           f"got {args.hidden_dim}")
@@ -321,6 +323,19 @@ def argument_problems(args):
     check(args.keep_checkpoints is None or args.keep_checkpoints > 0,
           f"--keep_checkpoints must be > 0, got {args.keep_checkpoints}")
     check(0 <= args.model_ema_decay < 1, f"--model_ema_decay must be in [0, 1), got {args.model_ema_decay}")
+    return problems + tta_problems(args)
+
+
+def argument_problems(args):
+    """Every problem with the values of `args` (a main.py Namespace) and their combination for main.py's run, one
+    message per flag."""
+    problems = value_problems(args)
+
+    def check(ok, message):
+        if not ok:
+            problems.append(message)
+
+    check(args.eval or args.epochs > 0, f"--epochs must be > 0 to train, got {args.epochs}")
     check(not args.auto_resume or args.output_dir, "--auto_resume needs --output_dir (where the checkpoints are)")
     check(not (args.finetune and args.resume),
           "--finetune and --resume: give one (--resume continues a run, --finetune starts a new one from a "
@@ -328,7 +343,6 @@ def argument_problems(args):
     check(not (args.finetune and args.eval), "--finetune starts a training run; evaluate with --eval --resume")
     check(not (args.use_fp16 and args.amp == "bf16"), "--use_fp16 means --amp fp16; it cannot go with --amp bf16")
     check(not args.tta or args.eval, "--tta (test-time augmentation) needs --eval: training evaluates at one scale")
-    problems += tta_problems(args)
     return problems  # --num_queries_one2many > 0 with --k_one2many 0 is models.deformable_detr.build()'s check
 
 
