@@ -57,6 +57,15 @@ class SyntheticConfig:
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+        widest = math.sqrt(3) * 255  # the largest RGB distance (black to white)
+        ranges = {  # knob: (lowest, highest), both allowed
+            "aspect_jitter": (0, math.inf), "min_visible": (1e-9, 1), "rotation_jitter": (0, 180),
+            "texture_amplitude": (0, 255), "min_color_distance": (0, widest), "min_overlap_color_distance": (0, widest),
+            "pixel_noise": (0, 255), "placement_attempts": (1, math.inf), "jpeg_quality": (1, 100)}
+        wrong = [f"{name} {getattr(self, name)} (allowed: {low:g} to {high:g})" for name, (low, high) in ranges.items()
+                 if not low <= getattr(self, name) <= high]
+        if wrong:  # accepted, they made datasets without objects, or with another difficulty than asked
+            raise ValueError(f"synthetic generator settings out of range: {'; '.join(wrong)}")
 
 
 # --------------------------------------------------------------------------- shapes

@@ -134,11 +134,17 @@ def test_tool_prints_the_table_with_or_without_matplotlib(study, monkeypatch, ca
     assert code == f"compare_hybrid: no comparison folder at {study / 'missing'}"
 
 
-def test_figure(study, monkeypatch, capsys):
+def test_figure(study, monkeypatch, capsys, tmp_path):
     pytest.importorskip("matplotlib")
     code, out, _ = run_tool(monkeypatch, capsys, str(study))
     figure = study.parent / "cmp.png"
     assert code == 0 and f"wrote {figure}" in out and figure.stat().st_size > 1000
+    figure.unlink()
+    monkeypatch.chdir(study)  # "." named the figure ".png", a hidden file written as ./.png.png
+    code, out, _ = run_tool(monkeypatch, capsys, ".")
+    assert code == 0 and f"wrote {figure.resolve()}" in out and figure.is_file() and not list(study.glob(".png*"))
+    code, out, _ = run_tool(monkeypatch, capsys, ".", "--out", str(tmp_path / "fig"))  # matplotlib adds .png
+    assert code == 0 and f"wrote {tmp_path / 'fig.png'}" in out and (tmp_path / "fig.png").is_file()
     fig, axes = compare_runs.plot(compare_runs.find_runs(study))
     (hybrid, one2one) = axes[0].get_lines()
     assert list(hybrid.get_xdata()) == [1, 2, 3] and list(hybrid.get_ydata()) == pytest.approx([0.2, 0.4, 0.6])

@@ -186,6 +186,30 @@ def test_a_partial_last_line_is_skipped_with_a_message(tmp_path, monkeypatch, ca
     assert code == 0 and f"{run}: 2 epochs, best mAP 0.3000 (epoch 1)" in out
 
 
+def test_epochs_logged_again_after_a_resume_keep_their_later_line(tmp_path, monkeypatch, capsys):
+    """Upstream's resumed runs append the epochs they train again: 0, 1, 2, then 1, 2, 3. The summary counted 6
+    epochs and took its best mAP from a superseded line; the curves went backwards."""
+    run = write_log(tmp_path / "run", [0.1, 0.2, 0.35])
+    again = write_log(tmp_path / "again", [0.0, 0.21, 0.22, 0.3])
+    with (run / "log.txt").open("a") as f:
+        f.writelines((again / "log.txt").read_text().splitlines(keepends=True)[1:])
+    with pytest.warns(plot_utils.RepeatedEpochWarning, match=r"epochs 1, 2 are logged more than once \(a resumed "
+                                                             r"run appended them\): the later line of each is used, "
+                                                             r"2 earlier lines left out"):
+        records = plot_utils.read_log(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert [r["test_coco_eval_bbox"][0] for r in records] == [0.1, 0.21, 0.22, 0.3]
+    code, out = run_tool(monkeypatch, capsys, str(run))
+    assert code == 0 and f"{run}: 4 epochs, best mAP 0.3000 (epoch 3)" in out
+
+
+def test_a_figure_name_without_suffix_is_reported_as_written(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    run = write_log(tmp_path / "run", [0.1, 0.3])
+    code, out = run_tool(monkeypatch, capsys, str(run), "--fields", "loss", "--out", str(tmp_path / "curves"))
+    assert code == 0 and f"wrote {tmp_path / 'curves.png'}" in out and (tmp_path / "curves.png").is_file()
+
+
 def test_the_tool_says_which_line_it_skipped(tmp_path):
     run = write_log(tmp_path / "run", [0.1, 0.3])
     with (run / "log.txt").open("a") as f:

@@ -94,6 +94,18 @@ def test_config_is_validated():
         SyntheticConfig(image_format="gif")
 
 
+
+@pytest.mark.parametrize("knob, value", [
+    ("placement_attempts", 0),  # a dataset of no objects, reported as made
+    ("min_visible", 1.5),  # one object per image
+    ("aspect_jitter", -0.9), ("jpeg_quality", 500), ("min_color_distance", 500), ("pixel_noise", -1),
+])
+def test_knobs_out_of_range_are_refused_naming_them(knob, value):
+    with pytest.raises(ValueError, match=rf"synthetic generator settings out of range: {knob} {value} \(allowed: "):
+        SyntheticConfig(**{knob: value})
+    SyntheticConfig()  # the demo's defaults pass
+
+
 def test_cli_skips_identical_output(tmp_path, capsys):
     argv = ["--out", str(tmp_path / "cli"), "--num_train", "2", "--num_val", "1", "--image_size", "48",
             "--image_format", "png"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util import compare_runs  # noqa: E402
+from util import compare_runs, plot_utils  # noqa: E402
 
 
 def main(argv=None):
@@ -28,7 +28,8 @@ def main(argv=None):
     print(compare_runs.table(groups))
     if args.no_figure:
         return 0
-    out = args.out or args.directory.parent / f"{args.directory.name}.png"
+    folder = args.directory.resolve()  # "." has no name of its own
+    out = plot_utils.figure_path(args.out or folder.parent / f"{folder.name}.png")  # beside the folder
     try:
         compare_runs.plot(groups, out=out)
     except ImportError as err:

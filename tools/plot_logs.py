@@ -54,7 +54,7 @@ def report(args):
         if args.out:
             plot_utils.plot_logs(args.paths, fields=args.fields, ewm_col=args.ewm, out=args.out)
     if args.out:
-        print(f"wrote {args.out}")
+        print(f"wrote {plot_utils.figure_path(args.out)}")
     return 0
 
 

@@ -20,10 +20,16 @@ class IncompleteLogWarning(UserWarning):
     """A log's last line was cut short (its run killed while writing it) and is left out."""
 
 
+class RepeatedEpochWarning(UserWarning):
+    """A log names an epoch more than once (a resumed upstream run appends the epochs it trains again): the later
+    line of each is kept."""
+
+
 def read_log(path):
     """The records of a log.txt (one JSON object per line, one line per epoch), in file order. A last line that is
     not JSON and lacks its newline (a run killed while writing it) is left out with an IncompleteLogWarning; any
-    other line that is not JSON is an error."""
+    other line that is not JSON is an error. An epoch logged more than once keeps its later line, in the place of
+    that line, with a RepeatedEpochWarning (main.py trims its log on resume; upstream's runs appended)."""
     path = Path(path)
     if path.is_dir():
         path = path / "log.txt"
@@ -44,7 +50,21 @@ def read_log(path):
                               IncompleteLogWarning, stacklevel=2)
                 break
             raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
-    return records
+    return _latest_per_epoch(records, path)
+
+
+def _latest_per_epoch(records, path):
+    """records without the earlier lines of an epoch that a later line logs again."""
+    last = {r["epoch"]: i for i, r in enumerate(records) if isinstance(r, dict) and "epoch" in r}
+    kept = [r for i, r in enumerate(records) if not (isinstance(r, dict) and "epoch" in r) or last[r["epoch"]] == i]
+    if len(kept) < len(records):
+        repeated = sorted({r["epoch"] for i, r in enumerate(records)
+                           if isinstance(r, dict) and "epoch" in r and last[r["epoch"]] != i})
+        shown = ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else "")
+        warnings.warn(f"{path}: epochs {shown} are logged more than once (a resumed run appended them): the later "
+                      f"line of each is used, {len(records) - len(kept)} earlier lines left out", RepeatedEpochWarning,
+                      stacklevel=3)
+    return kept
 
 
 def metric_series(records, field):
@@ -106,14 +126,21 @@ def _pyplot():
     return plt
 
 
+def figure_path(out):
+    """The file a figure asked for as `out` goes to: a name without a suffix gets .png (matplotlib's default
+    format, which it adds itself), so that what is reported is what is written."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".png")
+
+
 def _finish(fig, axes, out):
-    """Grid and legend on every panel; write the figure to `out` when given. Returns (figure, axes)."""
+    """Grid and legend on every panel; write the figure to figure_path(out) when given. Returns (figure, axes)."""
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
     if out is not None:
-        fig.savefig(out, dpi=100)
+        fig.savefig(figure_path(out), dpi=100)
     return fig, axes
 
 
