@@ -161,7 +161,8 @@ def main(args):
     seed_everything(args.seed + utils.get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
     refuse_to_overwrite_a_run(args, output_dir)
-    if output_dir is not None and utils.is_main_process():
+    # a training run's own leftovers; an evaluation may share the folder of a run saving at this moment
+    if output_dir is not None and utils.is_main_process() and not args.eval:
         for path in remove_temporaries(output_dir):
             print(f"removed {path}, left by an interrupted save")
     check_packages(args)

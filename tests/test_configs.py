@@ -309,6 +309,15 @@ def test_run_dist_slurm_command(tmp_path):
     assert out.returncode != 0 and "usage" in out.stderr
 
 
+def test_run_dist_slurm_passes_host_lists_as_written(tmp_path):
+    """A file whose name the host list matches as a pattern, in the folder the job is started from."""
+    (tmp_path / "--nodelist=node01").touch()
+    env = clean_env(fake_bin(tmp_path, "srun"), SRUN_ARGS="--nodelist=node[01-04] --time=1:00:00")
+    out = run(["bash", str(SLURM), "gpu", "hdetr", "8", str(REPO / CONFIG)], env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "--nodelist=node[01-04]" in out.stdout.splitlines()
+
+
 @pytest.mark.parametrize("gpus, env, message", [
     ("0", {}, "GPUS must be a positive integer"),
     ("", {}, "GPUS must be a positive integer"),

@@ -64,10 +64,16 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tiny_coco, two_epochs, tmp
     assert resumed[1]["test_coco_eval_bbox"] == pytest.approx(uninterrupted[1]["test_coco_eval_bbox"], abs=1e-6)
 
 
-def test_eval_of_a_checkpoint_gives_the_logged_ap(tiny_coco, two_epochs):
+def test_eval_of_a_checkpoint_gives_the_logged_ap(tiny_coco, two_epochs, tmp_path):
     out, log = two_epochs
-    stats = project_main.main(parse("--coco_path", tiny_coco, "--eval", "--resume", out / "checkpoint.pth"))
+    eval_dir = tmp_path / "run"  # a training run's folder, saving a checkpoint at this moment
+    eval_dir.mkdir()
+    saving = eval_dir / ".checkpoint.pth.a1b2c3.tmp"
+    saving.write_bytes(b"half a checkpoint")
+    stats = project_main.main(parse("--coco_path", tiny_coco, "--eval", "--resume", out / "checkpoint.pth",
+                                    "--output_dir", eval_dir))
     assert stats["coco_eval_bbox"] == pytest.approx(log[-1]["test_coco_eval_bbox"], abs=1e-6)
+    assert saving.exists()  # the evaluation deleted the training's save under way (its rename then failed)
 
 
 def test_eval_restores_the_training_state(tiny_coco, two_epochs):

@@ -27,7 +27,9 @@ CPUS_PER_TASK=${CPUS_PER_TASK:-4}
 SRUN_ARGS=${SRUN_ARGS:-""}
 
 set -x
-# SRUN_ARGS is left unquoted on purpose: it holds several srun options.
+# SRUN_ARGS is left unquoted on purpose: it holds several srun options, split into words but not expanded as file
+# patterns (set -f): a host list such as node[01-04] reaches srun as written
+set -f
 exec srun -p "$PARTITION" \
     --job-name="$JOB_NAME" \
     --gres=gpu:"$GPUS_PER_NODE" \
