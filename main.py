@@ -184,12 +184,13 @@ def main(args):
                          "--auto_resume with a checkpoint in --output_dir")
     model, criterion, postprocessors = build_model(args)
     load_weights(args, model, source, checkpoint)
-    utils.check_same_on_every_rank(
-        "where they start and what they read",
-        {"starting from": start_description(checkpoint), "training set": dataset_fingerprint(dataset_train),
-         "validation set": dataset_fingerprint(dataset_val)},
-        "--output_dir must be one folder that every node shares (its checkpoints decide where --auto_resume "
-        "continues), and every node must read the same checkpoint and annotation files")
+    if args.distributed:  # the digests read every image entry and weight: only where there is something to compare
+        utils.check_same_on_every_rank(
+            "where they start and what they read",
+            {"starting from": start_description(checkpoint), "training set": dataset_fingerprint(dataset_train),
+             "validation set": dataset_fingerprint(dataset_val)},
+            "--output_dir must be one folder that every node shares (its checkpoints decide where --auto_resume "
+            "continues), and every node must read the same checkpoint and annotation files")
     model.to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -2,7 +2,7 @@
 import torch
 
 from util.amp import amp_mode
-from util.arguments import check_device, get_args_parser, value_problems
+from util.arguments import check_device, check_values, get_args_parser
 from util.checkpoint import evaluation_weights, load_checkpoint, load_model_state
 from util.config_script import main_arguments
 
@@ -28,9 +28,7 @@ def trained_model(flags, config=None, device=None):
                          "model; --config is for a checkpoint without them (override single flags on the command "
                          "line instead)")
     model_args = main_arguments(get_args_parser(), flags, config, checkpoint.get("args"))
-    problems = value_problems(model_args)  # as main.py's: --topk 0 gave no detections, --val_scale 0 the default
-    if problems:
-        raise ValueError("bad flag values: " + "; ".join(problems))
+    check_values(model_args)  # as main.py's: --topk 0 gave no detections, --val_scale 0 the default
     model_args.amp = amp_mode(given)
     model_args.use_fp16 = model_args.amp == "fp16"
     if device is not None:

@@ -49,6 +49,9 @@ from util.checkpoint import evaluation_weights, load_checkpoint, load_model_stat
 from util.config_script import main_arguments  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
+# options read only with another one (tool_options): None on the command line, these defaults once checked
+OPTION_DEFAULTS = {"rounds": 3, "profile_rows": 15, "boxes": 10}
+
 
 def benchmark_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -66,17 +69,19 @@ def benchmark_args_parser():
                              "here as well override them")
     parser.add_argument("--train", action="store_true",
                         help="time training steps (forward, losses, backward) and their peak memory")
-    parser.add_argument("--boxes", type=int, default=None,
-                        help="random boxes per random image with --train and --image_size (default 10)")
+    parser.add_argument("--boxes", type=int, default=None, help="random boxes per random image with --train and "
+                        f"--image_size (default {OPTION_DEFAULTS['boxes']})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timing, profile N more iterations (torch.profiler) and print the top "
                              "operators by self CPU time, with the share of casts and copies")
-    parser.add_argument("--profile_rows", type=int, default=None, help="operators listed by --profile (default 15)")
+    parser.add_argument("--profile_rows", type=int, default=None,
+                        help=f"operators listed by --profile (default {OPTION_DEFAULTS['profile_rows']})")
     parser.add_argument("--compare", nargs="+", choices=AMP_MODES, default=None, metavar="PRECISION",
                         help="time the run in each of these precisions (fp32, bf16, fp16), each a fresh process, "
                              "alternated for --rounds rounds; print the medians and their ratios to the first's")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of --compare (default 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds of --compare (default {OPTION_DEFAULTS['rounds']})")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the run's figures to FILE as JSON")
     return parser
 
@@ -313,9 +318,6 @@ def _write_json(path, amp, device, times, cpu_times, peak):
                "times_ms": [1000 * t for t in times], "cpu_ms": [1000 * t for t in cpu_times],
                "peak_mib": peak / 2 ** 20}
     Path(path).write_text(json.dumps(figures, indent=1) + "\n")
-
-
-OPTION_DEFAULTS = {"rounds": 3, "profile_rows": 15, "boxes": 10}
 
 
 def tool_options(args):

@@ -37,7 +37,7 @@ from models.onnx_export import (  # noqa: E402
     supported_opsets,
 )
 from models.trained_model import trained_model  # noqa: E402
-from util.arguments import TTA_DEFAULTS, get_args_parser  # noqa: E402
+from util.arguments import get_args_parser, tta_options_given  # noqa: E402
 from util.onnx_runtime import import_onnxruntime  # noqa: E402
 from util.output_dir import check_output_path  # noqa: E402
 
@@ -63,8 +63,7 @@ def export_args_parser():
 def tta_flags(rest):
     """The test-time augmentation flags among main.py's `rest`: the export writes the single-scale graph only."""
     given = get_args_parser().parse_known_args(rest)[0]
-    return ["--tta"] * given.tta + [f"--{name}" for name, default in TTA_DEFAULTS.items()
-                                     if getattr(given, name) != default]
+    return ["--tta"] * given.tta + tta_options_given(given)
 
 
 def main(argv=None):

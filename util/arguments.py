@@ -249,11 +249,16 @@ def size_range(text):
     return low, high
 
 
+def tta_options_given(args):
+    """The --tta_* flags of `args` that were given: those that differ from their default (None, False or a
+    number)."""
+    return [f"--{name}" for name, default in TTA_DEFAULTS.items() if getattr(args, name) != default]
+
+
 def tta_problems(args):
     """Problems with the test-time augmentation flags (main.py's and tools/infer.py's), one message per flag."""
     problems = []
-    # a flag counts as given when it differs from its default (None, False or a number)
-    given = [f"--{name}" for name, default in TTA_DEFAULTS.items() if getattr(args, name) != default]
+    given = tta_options_given(args)
     if given and not args.tta:
         problems.append(f"{', '.join(given)} only act with --tta")
     scales = args.tta_scales
@@ -368,11 +373,19 @@ def check_packages(args):
         raise ImportError("; ".join(problems))
 
 
-def check_args(args):
-    """Raise ValueError listing every flag whose value cannot work (see argument_problems)."""
-    problems = argument_problems(args)
+def _raise_problems(problems):
     if problems:
         raise ValueError("bad flag values: " + "; ".join(problems))
+
+
+def check_args(args):
+    """Raise ValueError listing every flag whose value cannot work for main.py's run (see argument_problems)."""
+    _raise_problems(argument_problems(args))
+
+
+def check_values(args):
+    """Raise ValueError listing every flag whose value cannot work whatever the run (see value_problems)."""
+    _raise_problems(value_problems(args))
 
 
 def check_device(args):

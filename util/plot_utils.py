@@ -55,16 +55,17 @@ def read_log(path):
 
 def _latest_per_epoch(records, path):
     """records without the earlier lines of an epoch that a later line logs again."""
-    last = {r["epoch"]: i for i, r in enumerate(records) if isinstance(r, dict) and "epoch" in r}
-    kept = [r for i, r in enumerate(records) if not (isinstance(r, dict) and "epoch" in r) or last[r["epoch"]] == i]
-    if len(kept) < len(records):
-        repeated = sorted({r["epoch"] for i, r in enumerate(records)
-                           if isinstance(r, dict) and "epoch" in r and last[r["epoch"]] != i})
+    epochs = [r.get("epoch") if isinstance(r, dict) else None for r in records]
+    last = {epoch: i for i, epoch in enumerate(epochs) if epoch is not None}
+    superseded = [i for i, epoch in enumerate(epochs) if epoch is not None and last[epoch] != i]
+    if superseded:
+        repeated = sorted({epochs[i] for i in superseded})
         shown = ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else "")
         warnings.warn(f"{path}: epochs {shown} are logged more than once (a resumed run appended them): the later "
-                      f"line of each is used, {len(records) - len(kept)} earlier lines left out", RepeatedEpochWarning,
+                      f"line of each is used, {len(superseded)} earlier lines left out", RepeatedEpochWarning,
                       stacklevel=3)
-    return kept
+    dropped = set(superseded)
+    return [r for i, r in enumerate(records) if i not in dropped]
 
 
 def metric_series(records, field):
