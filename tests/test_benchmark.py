@@ -299,5 +299,10 @@ def test_benchmark_compile_times_the_precision_asked_for(monkeypatch, capsys):
     tool["main"](["--image_size", "64", "64", "--rounds", "2", "--eval", "--threads", "1", "--amp", "bf16", *FLAGS])
     assert seen == ["bf16"] * 4  # 2 rounds of eager and "compiled"
     assert "on cpu, 1 threads, bf16, median of 1 alternating rounds:" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="need --batch_size > 0"):
-        tool["main"](["--image_size", "64", "64", "--batch_size", "0", *FLAGS])
+    for option, message in ((["--batch_size", "0"], "--batch_size must be positive"),
+                            (["--boxes", "-1"], "--boxes must be >= 0"),
+                            (["--threads", "0"], "--threads must be positive")):
+        with pytest.raises(ValueError, match=message):
+            tool["main"](["--image_size", "64", "64", *option, *FLAGS])
+    with pytest.raises(ValueError, match="--image_size must be positive"):
+        tool["main"](["--image_size", "0", "64", *FLAGS])

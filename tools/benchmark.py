@@ -334,6 +334,18 @@ def tool_options(args):
     return args
 
 
+def check_batch_options(batch_size, boxes, image_sizes, threads):
+    """The random batch's options (shared with tools/benchmark_compile.py): a ValueError naming a bad one."""
+    if batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    if boxes < 0:
+        raise ValueError(f"--boxes must be >= 0, got {boxes}")
+    if image_sizes and min(min(size) for size in image_sizes) <= 0:
+        raise ValueError(f"--image_size must be positive, got {image_sizes}")
+    if threads is not None and threads <= 0:
+        raise ValueError(f"--threads must be positive, got {threads}")
+
+
 def refuse_untimed_flags(model_args, tool):
     """main.py flags whose work `tool` does not time: an error rather than a figure of something else."""
     if model_args.tta:
@@ -350,15 +362,8 @@ def main(argv=None):
     if args.num_iters <= 0 or not 0 <= args.warm_iters < args.num_iters:
         raise ValueError(f"need 0 <= --warm_iters ({args.warm_iters}) < --num_iters ({args.num_iters})")
     batch_size = args.batch_size if args.batch_size is not None else len(args.image_size or [None])
-    if batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {batch_size}")
-    if args.boxes < 0:
-        raise ValueError(f"--boxes must be >= 0, got {args.boxes}")
-    if args.image_size and min(min(size) for size in args.image_size) <= 0:
-        raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    check_batch_options(batch_size, args.boxes, args.image_size, args.threads)
     if args.threads is not None:
-        if args.threads <= 0:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.profile < 0 or args.profile_rows <= 0:
         raise ValueError(f"need --profile >= 0 and --profile_rows > 0, got {args.profile} and {args.profile_rows}")

@@ -74,11 +74,7 @@ def main(argv=None):
     if args.rounds < 2:
         raise ValueError(f"--rounds must be at least 2 (the first is left out), got {args.rounds}")
     batch_size = args.batch_size if args.batch_size is not None else len(args.image_size)
-    if batch_size <= 0 or args.boxes < 0 or (args.threads is not None and args.threads <= 0):
-        raise ValueError(f"need --batch_size > 0, --boxes >= 0 and --threads > 0, got {batch_size}, {args.boxes} "
-                         f"and {args.threads}")
-    if min(min(size) for size in args.image_size) <= 0:
-        raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    BENCHMARK["check_batch_options"](batch_size, args.boxes, args.image_size, args.threads)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_args = main_arguments(get_args_parser(), rest, args.config)
