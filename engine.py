@@ -20,6 +20,7 @@ from util.training_state import (
     LATEST,
     all_random_states,
     epoch_seed,
+    precision_change,
     prune_epoch_copies,
     read_log,
     restore_random_states,
@@ -103,8 +104,10 @@ def train_summary(logger):
     text = f"loss {meters['loss'].median:.3f}"
     if "loss_one2one" in meters:
         text += f" (o2o {meters['loss_one2one'].median:.3f}, o2m {meters['loss_one2many'].median:.3f})"
-    return (text + f"  cls_err {meters['class_error'].value:.1f}  lr {meters['lr'].value:.1e}  "
-            f"grad {meters['grad_norm'].value:.2f}")
+    text += f"  cls_err {meters['class_error'].value:.1f}  lr {meters['lr'].value:.1e}"
+    if meters["grad_norm"].count:  # the last step's, or the last not skipped by the fp16 scaler
+        text += f"  grad {meters['grad_norm'].value:.2f}"
+    return text + (f"  scale {meters['loss_scale'].value:.0f}" if "loss_scale" in meters else "")
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0, use_wandb=False,
@@ -153,6 +156,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         else:
             grad_norm = get_total_grad_norm(model.parameters())
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16: the scale of this step's loss
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
@@ -163,6 +167,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         scalars = {"loss": loss_value, **group_losses(reduced_scaled), **reduced_scaled,
                    **{f"{k}_unscaled": v for k, v in reduced.items()}, "class_error": reduced["class_error"],
                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+        if scale is not None:  # a step whose gradients overflowed is skipped (the scale lowered): no grad norm
+            skipped = scaler.get_scale() < scale
+            scalars.update(loss_scale=scale, skipped_step=float(skipped))  # an epoch's: the share skipped
+            if skipped:
+                del scalars["grad_norm"]
         logger.update(**scalars)
         if use_wandb:
             import wandb
@@ -173,7 +182,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         samples, targets = prefetcher.next()
 
     logger.synchronize_between_processes()
-    stats = {k: meter.global_avg for k, meter in logger.meters.items() if k not in GROUP_SUMS}
+    stats = {k: meter.global_avg for k, meter in logger.meters.items() if k not in GROUP_SUMS and meter.count}
     print(f"Epoch {epoch} averages: loss {stats['loss']:.4f}, class_error {stats['class_error']:.2f} (every term in "
           "log.txt)", flush=True)
     return stats
@@ -327,6 +336,9 @@ class TrainingRun:
         next_epoch = resume_training_state(self.args, checkpoint, self.optimizer, self.scheduler, self.scaler,
                                            source)
         self.resume_weight_average(checkpoint, source)
+        changed = precision_change(checkpoint, mixed_precision.amp_mode(self.args), source)
+        if changed is not None:
+            print(changed, flush=True)
         if in_epoch is not None:
             self.start_epoch, self.start_iteration = in_epoch["epoch"], in_epoch["iteration"]
             self.resumed = in_epoch

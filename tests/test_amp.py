@@ -39,6 +39,7 @@ from models.optimizer import build_optimizer
 from util import amp
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.misc import collate_fn
+from util.training_state import precision_change
 
 REDUCED = ("bf16", "fp16")
 TOLERANCE = {"bf16": {"logits": 0.15, "boxes": 0.02, "loss": 0.02},
@@ -140,8 +141,9 @@ def test_modes_dtypes_scalers_and_contexts():
         amp.amp_dtype("fp8")
     assert amp.amp_mode(parse(["--use_fp16"])) == "fp16" and amp.amp_mode(parse(["--amp", "bf16"])) == "bf16"
     assert amp.amp_mode(parse([])) == "fp32"
-    with pytest.raises(ValueError, match="--use_fp16 means --amp fp16"):
-        amp.amp_mode(parse(["--use_fp16", "--amp", "bf16"]))
+    # a given --amp wins over a config's --use_fp16 (bash <vit config> --amp fp32 ran fp16 before)
+    assert [amp.amp_mode(parse(["--use_fp16", "--amp", mode])) for mode in ("fp32", "bf16", "fp16")] == [
+        "fp32", "bf16", "fp16"]
     half, double, labels = torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64), torch.ones(2).long()
     assert amp.to_float32(half).dtype is torch.float32
     assert amp.to_float32(double) is double and amp.to_float32(labels) is labels  # nothing else is cast
@@ -157,7 +159,7 @@ def test_the_default_path_is_the_plain_forward():
         return out
 
     assert amp.forward(model, None, "cpu", "fp32") is out and seen == [False]
-    assert project_main.get_args_parser().parse_args([]).amp == "fp32"
+    assert amp.amp_mode(project_main.get_args_parser().parse_args([])) == "fp32"
 
 
 def no_native_support(monkeypatch, capability="AVX2"):
@@ -292,25 +294,55 @@ def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(trained):
     assert math.isfinite(stats["loss"])  # the forward was fine: only the gradient overflowed
     assert scaler.get_scale() == scale * scaler.get_backoff_factor()
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # the step was skipped
+    # logged: the share of skipped steps and the scale; no grad norm (an inf one made the epoch's average inf)
+    assert stats["skipped_step"] == 1.0 and stats["loss_scale"] == scale and "grad_norm" not in stats
 
-    engine.train_one_epoch(model, criterion, [batch], optimizer, "cpu", 0, args.clip_max_norm, print_freq=1000,
-                           amp="fp16", scaler=scaler)
-    assert scaler.get_scale() == scale * scaler.get_backoff_factor()  # a good step keeps the scale
-    assert sum(not torch.equal(v, before[k]) for k, v in model.named_parameters()) > 0  # this one did step
+    # an epoch of two steps, the first skipped: its averages are the good step's
+    overflows = [True]
+    handle = model.class_embed[0].weight.register_hook(
+        lambda grad: torch.full_like(grad, math.inf) if overflows and overflows.pop() else grad)
+    stats = engine.train_one_epoch(model, criterion, [batch, batch], optimizer, "cpu", 0, args.clip_max_norm,
+                                   print_freq=1000, amp="fp16", scaler=scaler)
+    handle.remove()
+    scale *= scaler.get_backoff_factor()
+    assert scaler.get_scale() == scale * scaler.get_backoff_factor()  # lowered again, then kept by the good step
+    assert stats["skipped_step"] == 0.5 and stats["loss_scale"] == 0.75 * scale
+    assert math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert sum(not torch.equal(v, before[k]) for k, v in model.named_parameters()) > 0  # the good step did step
 
 
 def test_resume_restores_the_scaler_state(two_images, tmp_path):
     """An fp16 run resumed after its first epoch ends with the scaler state of the uninterrupted run (the scale and
-    the count of good steps since it last changed, which a fresh scaler would restart)."""
+    the count of good steps since it last changed, which a fresh scaler would restart). The backbone is frozen (its
+    fp16 backward is slow on CPUs without fp16 hardware), so it starts from a weights file (a random ResNet-18)."""
+    backbone_file = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), backbone_file)
+    frozen = [flag for flag in tiny_flags(two_images) if flag != "--no_pretrained_backbone"]
+
     def scaler_after(out, *extra):
-        project_main.main(parse([*tiny_flags(two_images, "--amp", "fp16", "--lr_backbone", "0", "--batch_size", "2",
-                                             "--output_dir", out), *extra]))
+        project_main.main(parse(map(str, [*frozen, "--pretrained_backbone_path", backbone_file, "--lr_backbone",
+                                          "0", "--amp", "fp16", "--batch_size", "2", "--output_dir", out, *extra])))
         return load_checkpoint(out / "checkpoint.pth")["scaler"]
 
     uninterrupted = scaler_after(tmp_path / "whole", "--epochs", "2")
     first = scaler_after(tmp_path / "resumed", "--epochs", "1")
     assert first != amp.grad_scaler("cpu", "fp16").state_dict()  # one step (1 iteration an epoch) changed it
     assert scaler_after(tmp_path / "resumed", "--epochs", "2", "--auto_resume") == uninterrupted
+
+
+def test_resuming_in_another_precision_is_noted():
+    """The command line's --amp decides; a run relaunched without its --amp changed precision without a word, and
+    dropped its fp16 scaler state."""
+    fp16 = {"args": parse(["--use_fp16"]), "scaler": {"scale": 1024.0}}
+    assert precision_change(fp16, "fp16", "a.pth") is None
+    assert precision_change(fp16, "fp32", "a.pth") == ("note: a.pth was trained in fp16; this run continues in fp32 "
+                                                        "(--amp); its fp16 gradient-scaler state is not used")
+    mid_epoch = {"args": parse(["--amp", "bf16"]), "in_epoch": {"epoch": 1}}
+    assert precision_change(mid_epoch, "fp16", "b.pth") == (
+        "note: b.pth was trained in bf16; this run continues in fp16 (--amp); a new gradient scaler starts; the rest "
+        "of its epoch does not repeat its steps exactly")
+    assert precision_change({"args": parse([])}, "fp32") is None
+    assert precision_change({"model": {}}, "bf16") is None  # no saved arguments: nothing to compare
 
 
 # --------------------------------------------------------------------------- the ResNet's bf16 fast path

@@ -64,7 +64,6 @@ def test_first_validation_image_and_a_checkpoint(tmp_path, capsys):
     (["--num_iters", "3", "--warm_iters", "3"], "--warm_iters"),
     (["--batch_size", "0"], "--batch_size"),
     (["--device", "cuda"], "CUDA is not available"),
-    (["--use_fp16", "--amp", "bf16"], "--use_fp16 means --amp fp16"),
 ])
 def test_errors(argv, message):
     if "cuda" in argv and torch.cuda.is_available():

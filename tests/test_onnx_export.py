@@ -257,3 +257,7 @@ def test_benchmark_times_eager_and_onnxruntime(exported, capsys):
     with pytest.raises(ValueError, match="--warm_iters"):
         bench["main"](["--resume", str(root / "checkpoint.pth"), "--onnx", str(root / "model.onnx"),
                        "--num_iters", "2", "--warm_iters", "2"])
+    for precision in (["--amp", "bf16"], ["--use_fp16"]):  # timed in float32 whatever was asked, before
+        with pytest.raises(ValueError, match="--amp (bf16|fp16): the ONNX graph and the PyTorch model it is timed "
+                                             "against run in float32 here"):
+            bench["main"](["--resume", str(root / "checkpoint.pth"), "--onnx", str(root / "model.onnx"), *precision])

@@ -272,7 +272,7 @@ def compare_precisions(args, rest, model_args, run=_run_in_process):
         raise ValueError(f"--rounds must be positive, got {args.rounds}")
     if args.profile or args.json:
         raise ValueError("--compare runs several processes: profile (--profile) or write --json one run at a time")
-    if model_args.use_fp16 or model_args.amp != "fp32":
+    if model_args.use_fp16 or model_args.amp is not None:
         raise ValueError("--compare sets each run's precision: leave out --amp / --use_fp16")
     what = "training step" if args.train else "inference pass"
     print(f"benchmark: {what} in {', '.join(precisions)}, {args.rounds} rounds, each run a fresh process; "

@@ -63,7 +63,9 @@ def main(argv=None):
         raise ValueError(f"--threads must be positive, got {args.threads}")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    model, postprocessors, _ = trained_model(rest, args.config, device="cpu")
+    model, postprocessors, _ = trained_model(
+        rest, args.config, device="cpu",
+        fp32_only="the ONNX graph and the PyTorch model it is timed against run in float32 here")
     detector = OnnxDetector(args.onnx, threads=threads)
     postprocess = postprocessors["bbox"] if detector.with_postprocess else None
 

@@ -81,10 +81,9 @@ def main(argv=None):
     if not args.no_check:
         import_onnxruntime()
     # the export traces on the CPU whatever the model was trained on
-    model, postprocessors, model_args = trained_model(rest, args.config, device="cpu")
-    if model_args.amp != "fp32":
-        raise ValueError(f"--amp {model_args.amp}: the export writes the float32 graph (mixed precision is for "
-                         "training and evaluation in PyTorch)")
+    model, postprocessors, model_args = trained_model(
+        rest, args.config, device="cpu",
+        fp32_only="the export writes the float32 graph (mixed precision is for training and evaluation in PyTorch)")
     postprocess = postprocessors["bbox"]
     options = transform_options(model_args)
     val_scale, max_size = eval_resize(options["scales"], options["max_size"], options["val_size"])

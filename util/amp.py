@@ -13,13 +13,12 @@ REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def amp_mode(args):
-    """The precision a main.py Namespace asks for: upstream's --use_fp16 means --amp fp16."""
-    amp = getattr(args, "amp", "fp32")
-    if getattr(args, "use_fp16", False):
-        if amp == "bf16":
-            raise ValueError("--use_fp16 means --amp fp16; it cannot go with --amp bf16")
-        return "fp16"
-    return amp
+    """The precision a main.py Namespace asks for: --amp when given (None: not given), else fp16 with upstream's
+    --use_fp16, else fp32. So `bash <a config with --use_fp16> --amp fp32` (or bf16) runs as asked."""
+    amp = getattr(args, "amp", None)
+    if amp is not None:
+        return amp
+    return "fp16" if getattr(args, "use_fp16", False) else "fp32"
 
 
 def amp_dtype(amp):

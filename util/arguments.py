@@ -187,9 +187,10 @@ def get_args_parser():
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for training and evaluation (the first step of each input "
                              "shape compiles, a minute or more; see docs/compile.md)")
-    parser.add_argument("--amp", default="fp32", choices=AMP_MODES,
+    parser.add_argument("--amp", default=None, choices=AMP_MODES,
                         help="mixed precision of training and evaluation (torch.autocast): fp32 (off, the "
-                             "default), bf16, or fp16 (with a gradient scaler); on any --device")
+                             "default), bf16, or fp16 (with a gradient scaler); on any --device. Given, it wins over "
+                             "--use_fp16 (a config's)")
     parser.add_argument("--use_checkpoint", default=False, action="store_true",
                         help="gradient checkpointing: recompute the transformer's encoder and decoder layers (and "
                              "a ViT backbone's blocks) in backward to save memory (Swin backbones checkpoint their "
@@ -346,7 +347,6 @@ def argument_problems(args):
           "--finetune and --resume: give one (--resume continues a run, --finetune starts a new one from a "
           "checkpoint's weights)")
     check(not (args.finetune and args.eval), "--finetune starts a training run; evaluate with --eval --resume")
-    check(not (args.use_fp16 and args.amp == "bf16"), "--use_fp16 means --amp fp16; it cannot go with --amp bf16")
     check(not args.tta or args.eval, "--tta (test-time augmentation) needs --eval: training evaluates at one scale")
     return problems  # --num_queries_one2many > 0 with --k_one2many 0 is models.deformable_detr.build()'s check
 

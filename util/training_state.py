@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .amp import amp_mode
 from .checkpoint import load_checkpoint
 from .misc import get_rank, get_world_size, is_dist_avail_and_initialized
 
@@ -129,6 +130,22 @@ def resume_training_state(args, checkpoint, optimizer, scheduler, scaler, source
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files
+
+
+def precision_change(checkpoint, amp, source="the checkpoint"):
+    """A note when `checkpoint` was trained in another precision than `amp`, this run's (None when the same, or when
+    its arguments are not saved): the command line decides, so a run relaunched without its --amp changes it."""
+    saved = checkpoint.get("args")
+    if saved is None or not hasattr(saved, "use_fp16") and not hasattr(saved, "amp"):
+        return None
+    trained = amp_mode(saved)
+    if trained == amp:
+        return None
+    scaler = ("; its fp16 gradient-scaler state is not used" if "scaler" in checkpoint
+              else "; a new gradient scaler starts" if amp == "fp16" else "")
+    in_epoch = ("; the rest of its epoch does not repeat its steps exactly" if checkpoint.get("in_epoch") is not None
+                else "")
+    return f"note: {source} was trained in {trained}; this run continues in {amp} (--amp){scaler}{in_epoch}"
 
 
 def epoch_copies(output_dir):
