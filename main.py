@@ -24,7 +24,7 @@ from datasets.coco import COCO_SPLITS, dataset_root
 from datasets.tta import TestTimeAugmentation, collate_views
 from engine import TrainingRun, evaluate, print_ap
 from models import build_model
-from models.backbone import load_pretrained_backbone
+from models.backbone import load_pretrained_backbone, training_flag_problems
 from models.compile import compile_model
 from models.optimizer import build_optimizer  # noqa: F401 (main.build_optimizer, as before)
 from util.arguments import (  # noqa: F401 (upstream's names)
@@ -65,6 +65,9 @@ def derived_settings(args):
     precision, the distributed environment: rank, world size, device of this process, and the class count);
     nothing changes them afterwards. Starts the process group of a distributed run."""
     check_args(args)
+    unread = training_flag_problems(args)
+    if unread:
+        raise ValueError("bad flag values: " + "; ".join(unread))
     args = argparse.Namespace(**vars(args))
     args.amp = mixed_precision.amp_mode(args)
     args.use_fp16 = args.amp == "fp16"  # upstream's name, read by upstream's scripts
@@ -236,7 +239,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Deformable DETR training and evaluation script", parents=[get_args_parser()])
     parsed = parser.parse_args()
-    problems = argument_problems(parsed) + missing_packages(parsed)
+    problems = argument_problems(parsed) + training_flag_problems(parsed) + missing_packages(parsed)
     if problems:
         parser.error("; ".join(problems))
     try:

@@ -40,7 +40,8 @@ def _read(path, map_location):
         if "weights only" in str(err).lower():
             raise RuntimeError(
                 f"{path} holds Python objects other than tensors, so it is not loaded (weights_only=True); "
-                f"re-save just its weights, e.g. torch.save({{'model': state_dict}}, path)"
+                f"re-save just its weights, e.g. torch.save({{'model': state_dict}}, path). A checkpoint of "
+                f"main.py (which holds its args) is a whole detector: start from it with --finetune"
             ) from err
         raise RuntimeError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
 
@@ -121,11 +122,30 @@ def _adapt(state, own, logger):
         state["absolute_pos_embed"] = _resize_abs_pos_embed(state["absolute_pos_embed"], target)
 
 
-def load_checkpoint(model, filename, map_location="cpu", strict=False, logger=None):
+def _incomplete(path, arch, missing, unexpected, prefixes):
+    """RuntimeError for a file that lacks tensors of ``model`` under ``prefixes``, or has tensors there that
+    the model lacks (a Swin of another depth or key layout)."""
+    layout = ""
+    if any(k.startswith("stages.") or ".w_msa." in k for k in unexpected):
+        layout = ("; its keys are in mmdet / mmpretrain's layout (stages.*, attn.w_msa.*): use the official Swin "
+                  "release (layers.*, attn.qkv.*) or convert the key names")
+    found = []
+    if missing:
+        found.append(f"it lacks {len(missing)} of the model's {'/'.join(prefixes)} tensors "
+                     f"(e.g. {_short_list(missing, 3)})")
+    if unexpected:
+        found.append(f"it has {len(unexpected)} tensors the model does not (e.g. {_short_list(unexpected, 3)})")
+    return RuntimeError(f"{path} does not fit {arch}: {' and '.join(found)}{layout}; is this the right "
+                        f"--pretrained_backbone_path for --backbone {arch}?")
+
+
+def load_checkpoint(model, filename, map_location="cpu", strict=False, logger=None, required_prefixes=()):
     """Load backbone weights from ``filename`` into ``model``; returns the checkpoint dict.
 
     Missing and unexpected keys are reported (fatal only when ``strict``); a file with no
-    matching key, or with tensors of other shapes, raises RuntimeError naming the file.
+    matching key, or with tensors of other shapes, raises RuntimeError naming the file, and so
+    does one that misses, or has extra, tensors under ``required_prefixes`` (key starts that a
+    file of the model's architecture holds in full, e.g. a Swin's ``layers.``).
     """
     path = os.fspath(filename)
     checkpoint = _read(path, map_location)
@@ -155,6 +175,11 @@ def load_checkpoint(model, filename, map_location="cpu", strict=False, logger=No
     computed = {k for k in own if k.endswith("relative_position_index")}
     missing = [k for k in own if k not in state and k not in computed]
     unexpected = [k for k in state if k not in own]
+    required = tuple(required_prefixes)
+    if required and any(k.startswith(required) for k in missing + unexpected):
+        raise _incomplete(path, arch, [k for k in missing if k.startswith(required)],
+                          [k for k in unexpected if k.startswith(required + ("stages.",))
+                           and not k.endswith("relative_position_index")], required)
     if strict and (missing or unexpected):
         raise RuntimeError(f"{path}: strict loading failed; missing keys: {_short_list(missing)}; "
                            f"unexpected keys: {_short_list(unexpected)}")

@@ -9,7 +9,8 @@ from torch import nn
 from torchvision import ops
 
 from mmcv_custom import load_checkpoint as load_swin_checkpoint
-from util.arguments import DEFAULT_PRETRAINED_BACKBONE_PATH
+from mmcv_custom.checkpoint import _read as read_weights
+from util.arguments import DEFAULT_DROP_PATH_RATE, DEFAULT_PRETRAINED_BACKBONE_PATH
 from util.misc import NestedTensor, downsample_mask
 
 from .mae_checkpoint import load_mae_checkpoint
@@ -18,6 +19,8 @@ from .vit import SIZE_DIVISIBILITY, VIT_SIZES, build_vit_backbone
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 SWINS = ("swin_tiny", "swin_small", "swin_large", "swin_large_window12")
+# what an official Swin ImageNet file holds of the detection backbone in full (not its detection norms)
+SWIN_WEIGHT_PREFIXES = ("patch_embed.", "layers.")
 # upstream's default --pretrained_backbone_path (a Swin-T file); ResNets then use torchvision's ImageNet weights
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
@@ -169,6 +172,30 @@ class Joiner(nn.Sequential):
         return out, pos
 
 
+def training_flag_problems(args):
+    """Flags of a training run that its backbone would not read (given, i.e. not at their defaults), and a random
+    backbone that would never train: one message each (none with --eval, whose flags rebuild a trained model)."""
+    if args.eval:
+        return []
+    kind = next((kind for kind, names in (("resnet", RESNETS), ("swin", SWINS), ("vit", VIT_SIZES))
+                 if args.backbone in names), None)  # None: build_backbone names the unknown --backbone
+    pretrained = getattr(args, "pretrained_backbone", True)
+    unread = [
+        (kind == "resnet" and args.drop_path_rate != DEFAULT_DROP_PATH_RATE,
+         f"--drop_path_rate {args.drop_path_rate}: stochastic depth is a Swin and ViT option, --backbone "
+         f"{args.backbone} has none"),
+        (kind in ("resnet", "vit") and not getattr(args, "backbone_checkpoint", True),
+         f"--no_backbone_checkpoint: only Swin blocks are checkpointed by default (--backbone {args.backbone}"
+         + (": its blocks follow --use_checkpoint)" if kind == "vit" else ")")),
+        (not pretrained and args.pretrained_backbone_path != DEFAULT_PRETRAINED_BACKBONE_PATH,
+         f"--pretrained_backbone_path {args.pretrained_backbone_path} with --no_pretrained_backbone: the file "
+         "would not be read"),
+        (not pretrained and not args.lr_backbone > 0,
+         f"--no_pretrained_backbone with --lr_backbone {args.lr_backbone}: a random backbone that never trains"),
+    ]
+    return [message for problem, message in unread if problem]
+
+
 def build_backbone(args):
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
@@ -205,7 +232,7 @@ def _load_resnet_weights(body: ResNetBody, name: str, path):
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--pretrained_backbone_path {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights(path, map_location="cpu")
         state = state.get("model", state.get("state_dict", state))
         source = path
     else:
@@ -249,4 +276,6 @@ def load_pretrained_backbone(model, args):
         if vit:
             load_mae_checkpoint(backbone.body.net, path, name=backbone.name)
         else:
-            load_swin_checkpoint(backbone.body, path, strict=False)
+            # every block of the file's Swin must be the model's: a Swin-T file in a Swin-S would leave
+            # blocks random
+            load_swin_checkpoint(backbone.body, path, strict=False, required_prefixes=SWIN_WEIGHT_PREFIXES)

@@ -15,6 +15,11 @@ def backbone_param_groups(args, model, named):
     weight_decay = args.weight_decay if args.wd_backbone is None else args.wd_backbone
     if not args.lr_layer_decay > 0:
         raise ValueError(f"--lr_layer_decay must be positive, not {args.lr_layer_decay}")
+    given = [flag for flag, value, default in (("--lr_layer_decay", args.lr_layer_decay, 1.0),
+                                                ("--wd_backbone", args.wd_backbone, None)) if value != default]
+    if not named and given:
+        raise ValueError(f"{' and '.join(given)} set how the backbone trains, but it is frozen (--lr_backbone "
+                         f"{args.lr_backbone}): nothing would read them")
     if isinstance(model.backbone[0], ViTBackbone):
         return layer_decay_param_groups(named, len(model.backbone[0].body.net.blocks), args.lr_backbone,
                                         args.lr_layer_decay, weight_decay)

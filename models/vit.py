@@ -234,12 +234,13 @@ def vit_layer_id(param_name, num_blocks):
 def layer_decay_param_groups(named_params, num_blocks, lr, layer_decay, weight_decay):
     """Optimizer groups for a ViT backbone's (name, parameter) pairs, as the fork: learning rate
     lr * layer_decay ** (num_blocks + 1 - layer id), so that the pyramid gets lr, the last block lr * layer_decay
-    and the embeddings lr * layer_decay ** (num_blocks + 1); no weight decay on the position embedding."""
+    and the embeddings lr * layer_decay ** (num_blocks + 1); no weight decay on the position embedding. The groups
+    depend on the names alone, not on the values (a run with weight_decay 0 resumes with another)."""
     groups = {}
     for name, param in named_params:
         layer = vit_layer_id(name, num_blocks)
-        decay = 0.0 if name.endswith("pos_embed") else weight_decay
-        group = groups.setdefault((layer, decay), {"params": [], "lr": lr * layer_decay ** (num_blocks + 1 - layer),
-                                                   "weight_decay": decay})
+        decayed = not name.endswith("pos_embed")  # the position embedding's group first in its layer, as the fork
+        group = groups.setdefault((layer, decayed), {"params": [], "lr": lr * layer_decay ** (num_blocks + 1 - layer),
+                                                     "weight_decay": weight_decay if decayed else 0.0})
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]

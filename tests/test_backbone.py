@@ -87,6 +87,17 @@ def test_architecture_error_names_the_file_and_backbone(tmp_path, offline):
     assert str(path) in str(info.value) and "resnet50" in str(info.value)
 
 
+def test_a_detector_checkpoint_as_resnet_weights_points_to_finetune(tmp_path, offline):
+    """torch's own error for a file holding main.py's args suggested loading it with weights_only=False."""
+    import argparse
+    model, _, _, _ = build(R18)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(backbone="resnet18")}, path)
+    flags = R18 + ["--pretrained_backbone_path", str(path)]
+    with pytest.raises(RuntimeError, match=f"{path} holds Python objects other than tensors.*--finetune"):
+        load_pretrained_backbone(model, parse(flags))
+
+
 def test_missing_resnet_file(tmp_path, offline):
     flags = R18 + ["--pretrained_backbone_path", str(tmp_path / "absent.pth")]
     model, _, _, _ = build(flags)
@@ -168,6 +179,47 @@ def test_local_swin_file_is_loaded_without_reinitialising(tmp_path):
     loaded = body.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert all(torch.equal(loaded[k], v) for k, v in kept.items())
+
+
+def _swin_file(tmp_path, name, rename=lambda key: key):
+    """An ImageNet-style file of Swin `name` (detection norms left out, keys renamed by `rename`)."""
+    from models.swin_transformer import build_swin_backbone
+    state = {rename(k): v for k, v in build_swin_backbone(name).state_dict().items()
+             if not k.startswith(("norm1.", "norm2.", "norm3."))}
+    path = tmp_path / f"{name}.pth"
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("file_name, backbone, message", [
+    ("swin_tiny", "swin_small", r"lacks 156 of the model's patch_embed./layers. tensors \(e.g. layers.2.blocks.6"),
+    ("swin_small", "swin_tiny", r"has 156 tensors the model does not \(e.g. layers.2.blocks.6"),
+])
+def test_swin_file_of_another_depth_is_rejected(tmp_path, file_name, backbone, message):
+    """Swin-T and Swin-S differ only in the depth of stage 3: the file of the one fitted the other's tensors by
+    name and shape, so a Swin-T file left 12 blocks of a Swin-S random (and the reverse ignored 12 blocks), with
+    only the routine list of missing keys printed."""
+    path = _swin_file(tmp_path, file_name)
+    flags = SMALL + ["--backbone", backbone, "--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    before = {k: v.clone() for k, v in model.backbone[0].body.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message) as info:
+        load_pretrained_backbone(model, parse(flags))
+    assert f"{path} does not fit {backbone}" in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone[0].body.state_dict().items())  # nothing loaded
+
+
+def test_swin_file_in_mmdet_layout_is_rejected(tmp_path):
+    """mmdet / mmpretrain name a Swin's tensors otherwise (stages.*, attn.w_msa.*, ffn.*): only a few LayerNorms
+    matched by name, the rest of the backbone stayed random."""
+    def mm_name(key):
+        key = key.replace("layers.", "stages.", 1).replace(".attn.", ".attn.w_msa.")
+        return key.replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+    path = _swin_file(tmp_path, "swin_tiny", mm_name)
+    flags = SWIN_T + ["--pretrained_backbone_path", str(path)]
+    model, _, _, _ = build(flags)
+    with pytest.raises(RuntimeError, match=r"mmdet / mmpretrain's layout \(stages.\*, attn.w_msa.\*\)"):
+        load_pretrained_backbone(model, parse(flags))
 
 
 @pytest.mark.parametrize("flags,checkpointed", [([], True), (["--no_backbone_checkpoint"], False),

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from datasets import build_dataset
 from datasets.coco import decode_image
 from datasets.synthetic import make_synthetic_coco
 from models import build_model
+from models.backbone import training_flag_problems
 from util.arguments import argument_problems
 from util.checkpoint import load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
 
@@ -159,6 +161,28 @@ def test_impossible_flag_values_are_refused_naming_the_flag(flags, flag, coco):
         project_main.main(args)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--drop_path_rate", "0.3"], "--drop_path_rate 0.3: stochastic depth is a Swin and ViT option, --backbone "
+                                  "resnet18 has none"),
+    (["--no_backbone_checkpoint"], "--no_backbone_checkpoint: only Swin blocks are checkpointed by default "
+                                  "(--backbone resnet18)"),
+    (["--no_pretrained_backbone", "--pretrained_backbone_path", "r50.pth"],
+     "--pretrained_backbone_path r50.pth with --no_pretrained_backbone: the file would not be read"),
+    (["--no_pretrained_backbone", "--lr_backbone", "0"],
+     "--no_pretrained_backbone with --lr_backbone 0.0: a random backbone that never trains"),
+])
+def test_training_flags_the_backbone_would_not_read_are_refused(flags, message, coco):
+    """Each was accepted and changed nothing (or left a random backbone frozen, its BatchNorm statistics moving);
+    at --eval, whose flags rebuild a trained model, they are let through."""
+    args = parse("--coco_path", coco, *flags)
+    assert training_flag_problems(args) == [message]
+    with pytest.raises(ValueError, match="bad flag values: " + re.escape(message)):
+        project_main.main(args)
+    assert training_flag_problems(parse("--coco_path", coco, "--eval", *flags)) == []
+    assert training_flag_problems(parse("--coco_path", coco, "--backbone", "swin_tiny", "--drop_path_rate", "0.3",
+                                        "--no_backbone_checkpoint")) == []
+
+
 def test_command_line_errors_exit_2_with_the_message():
     result = subprocess.run([sys.executable, "main.py", "--lr_drop", "0", "--topk", "0", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -173,7 +197,7 @@ def test_every_config_script_passes_the_checks():
     assert len(scripts) >= 60
     for script in scripts:
         args = project_main.get_args_parser().parse_args(read_config_script(script)[1])
-        assert argument_problems(args) == [], script
+        assert argument_problems(args) == [] and training_flag_problems(args) == [], script
 
 
 # ------------------------------------------------------------------------------------------ annotation files

@@ -255,6 +255,29 @@ def test_layer_decay_learning_rates():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
 
+def test_layer_decay_groups_do_not_depend_on_the_weight_decay():
+    """The groups are made from the parameter names: with --wd_backbone 0 the position embedding's group was merged
+    into the patch embedding's, and a run could not be resumed with another weight decay."""
+    model, _, _, _ = build(TINY)
+    sizes = {}
+    for decay in ("0", "0.05"):
+        optimizer, _ = project_main.build_optimizer(parse(TINY + ["--lr_layer_decay", "0.8", "--wd_backbone", decay]),
+                                                    model)
+        sizes[decay] = [len(g["params"]) for g in optimizer.param_groups]
+        net = model.backbone[0].body.net
+        assert _group_of(optimizer, net.pos_embed)["params"] == [net.pos_embed]
+        assert _group_of(optimizer, net.patch_embed.proj.weight)["weight_decay"] == float(decay)
+    assert sizes["0"] == sizes["0.05"]
+
+
+@pytest.mark.parametrize("flags", [["--lr_layer_decay", "0.8"], ["--wd_backbone", "0.1"]])
+def test_backbone_group_flags_with_a_frozen_backbone_are_refused(flags):
+    """--lr_backbone 0 freezes the backbone: its groups' flags would be read by nothing."""
+    model, _, _, _ = build(TINY + ["--lr_backbone", "0"])
+    with pytest.raises(ValueError, match=f"{flags[0]} set how the backbone trains, but it is frozen"):
+        project_main.build_optimizer(parse(TINY + ["--lr_backbone", "0", *flags]), model)
+
+
 def test_layer_decay_off_and_the_fork_spelling():
     model, _, _, _ = build(TINY)
     optimizer, _ = project_main.build_optimizer(parse(TINY), model)

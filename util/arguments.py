@@ -11,6 +11,7 @@ from .misc import positive_seconds
 # upstream's default of --pretrained_backbone_path (a Swin file); for other backbones it means "not given"
 DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
 AMP_MODES = ("fp32", "bf16", "fp16")
+DEFAULT_DROP_PATH_RATE = 0.2
 # upstream's scales (shorter sides at an evaluation size of 800) and their object-size ranges, in pixels of the
 # image resized to that scale
 UPSTREAM_EVAL_SIZE = 800
@@ -71,7 +72,8 @@ def get_args_parser():
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="train the backbone from random initialisation instead of ImageNet weights (a ResNet "
                              "then trains all its stages with ordinary BatchNorm; pass it at evaluation too)")
-    parser.add_argument("--drop_path_rate", default=0.2, type=float)
+    parser.add_argument("--drop_path_rate", default=DEFAULT_DROP_PATH_RATE, type=float,
+                        help="stochastic depth of Swin and ViT backbones (the last block's rate)")
 
     # ViT backbones (vit_base, vit_large: MAE pre-training)
     parser.add_argument("--lr_layer_decay", "--lr_backbone_decay_rate", dest="lr_layer_decay", default=1.0,
