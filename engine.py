@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from datasets import category_names
 from datasets.coco_eval import CocoEvaluator
 from datasets.data_prefetcher import data_prefetcher
 from models.criterion import HybridCriterion, weighted_losses
@@ -271,6 +272,7 @@ class TrainingRun:
         self.batch_sampler, self.loader_train, self.loader_val = batch_sampler, loader_train, loader_val
         self.base_ds, self.device, self.ema = base_ds, device, ema
         self.n_parameters = n_parameters
+        self.categories = category_names(loader_train.dataset)  # {id: name} of the training set, saved
         self.output_dir = Path(args.output_dir) if args.output_dir else None
         self.main_process = is_main_process()
         self.preemption = Preemption(device)
@@ -285,7 +287,8 @@ class TrainingRun:
     def state(self, epoch_done, **extra):
         """What checkpoint.pth holds: upstream's entries ("epoch" = the last completed epoch) and ours."""
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "lr_scheduler": self.scheduler.state_dict(), "epoch": epoch_done, "args": self.args}
+                 "lr_scheduler": self.scheduler.state_dict(), "epoch": epoch_done, "args": self.args,
+                 "categories": self.categories}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         if self.ema is not None:

@@ -15,6 +15,7 @@ import util.amp as mixed_precision
 import util.misc as utils
 from datasets import (
     build_dataset,
+    check_checkpoint_categories,
     check_same_categories,
     dataset_fingerprint,
     get_coco_api_from_dataset,
@@ -36,7 +37,7 @@ from util.arguments import (  # noqa: F401 (upstream's names)
     missing_packages,
     shared_flags,
 )
-from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state
+from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
 from util.download import DownloadError
 from util.output_dir import check_output_dir
 from util.preemption import Preempted
@@ -185,6 +186,8 @@ def main(args):
     if args.eval and checkpoint is None:
         raise ValueError("--eval needs the weights to evaluate: --resume CHECKPOINT (a file or URL), or "
                          "--auto_resume with a checkpoint in --output_dir")
+    if checkpoint is not None:  # the categories it learnt are those it is evaluated on, or trains on further
+        check_checkpoint_categories(checkpoint.get("categories"), source, dataset_val if args.eval else dataset_train)
     model, criterion, postprocessors = build_model(args)
     load_weights(args, model, source, checkpoint)
     if args.distributed:  # the digests read every image entry and weight: only where there is something to compare
@@ -212,7 +215,7 @@ def main(args):
                                          tta=tta, amp=args.amp)
         print_ap(stats)
         if output_dir is not None:
-            utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+            save_checkpoint(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")  # atomic, main process
         return stats
 
     optimizer, scheduler = build_optimizer(args, model_without_ddp)

@@ -6,13 +6,15 @@ from torch.utils.data import Subset
 from .coco import CocoDetection, num_classes_from_annotations  # noqa: F401
 from .coco import build as build_coco
 from .coco_file import check_same_categories as check_coco_categories
+from .samplers import SeededSamples
 
 SUPPORTED_DATASETS = ("coco",)
 
 
 def _coco_dataset(dataset):
-    """The CocoDetection behind ``dataset`` (looking through ``torch.utils.data.Subset``), or None."""
-    while isinstance(dataset, Subset):
+    """The CocoDetection behind ``dataset`` (looking through ``torch.utils.data.Subset`` and the training loader's
+    ``SeededSamples``), or None."""
+    while isinstance(dataset, (Subset, SeededSamples)):
         dataset = dataset.dataset
     return dataset if isinstance(dataset, CocoDetection) else None
 
@@ -32,6 +34,23 @@ def check_same_categories(dataset_train, dataset_val):
     train, val = _coco_dataset(dataset_train), _coco_dataset(dataset_val)
     if train is not None and val is not None:
         check_coco_categories(train.coco.cats, train.ann_file, val.coco.cats, val.ann_file)
+
+
+def category_names(dataset):
+    """{category id: name} of the COCO annotation file behind `dataset` (a training run saves it in its
+    checkpoints); None without one."""
+    coco_dataset = _coco_dataset(dataset)
+    return None if coco_dataset is None else {i: c.get("name") for i, c in coco_dataset.coco.cats.items()}
+
+
+def check_checkpoint_categories(saved, source, dataset):
+    """The categories a checkpoint was trained on (`saved`, category_names of its training set; None in older and
+    upstream's checkpoints: nothing to compare) agree with the annotation file behind `dataset`, by the rule of
+    check_same_categories."""
+    coco_dataset = _coco_dataset(dataset)
+    if saved is not None and coco_dataset is not None:
+        check_coco_categories({i: {"name": name} for i, name in saved.items()}, f"{source} (trained on)",
+                              coco_dataset.coco.cats, coco_dataset.ann_file)
 
 
 def dataset_fingerprint(dataset):

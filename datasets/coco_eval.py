@@ -30,17 +30,26 @@ def max_detections(topk=COCO_MAX_DETS[-1]):
     return [*COCO_MAX_DETS] + ([int(topk)] if topk > COCO_MAX_DETS[-1] else [])
 
 
-def warn_if_capped(coco_gt, max_dets):
-    """A warning when an image has more objects of one category (crowd regions aside) than the detections
-    evaluation counts for it: its recall, hence AP, cannot reach 1."""
-    objects = Counter((a["image_id"], a["category_id"]) for a in coco_gt.anns.values() if not a.get("iscrowd", 0))
-    dense = {image: count for (image, _), count in objects.items() if count > max_dets}
+def warn_if_capped(coco_gt, max_dets, kept=None):
+    """A warning when an image has more objects (crowd regions aside) than evaluation can match: more than the
+    `kept` detections the model keeps per image (--topk; when given, the tighter cap, as maxDets is at least it),
+    else more of one category than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP,
+    cannot reach 1."""
+    crowdless = [a for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
+    if kept is not None:
+        objects, cap = Counter(a["image_id"] for a in crowdless), f"the {kept} detections kept per image (--topk)"
+    else:
+        objects = Counter((a["image_id"], a["category_id"]) for a in crowdless)
+        cap = f"the {max_dets} detections per image and category COCO's AP counts (maxDets)"
+    limit = max_dets if kept is None else kept
+    dense = {key: count for key, count in objects.items() if count > limit}
     if dense and is_main_process():
         most = max(dense.values())
-        warnings.warn(f"{len(dense)} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes of one "
-                      f"category than the {max_dets} detections per image and category COCO's AP counts (maxDets), "
-                      f"up to {most}: their recall, hence AP, is capped; --topk above 100 (e.g. --topk {most}) "
-                      "raises maxDets (docs/data.md)", AnnotationWarning, stacklevel=3)
+        images = len({key[0] if isinstance(key, tuple) else key for key in dense})
+        warnings.warn(f"{images} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes"
+                      f"{'' if kept is not None else ' of one category'} than {cap}, up to {most}: their recall, "
+                      f"hence AP, is capped; --topk {most} lifts the cap (above 100 it also raises maxDets; "
+                      "docs/data.md)", AnnotationWarning, stacklevel=3)
 
 
 def _summary_line(kind, iou, area, max_dets, value, params):
@@ -186,7 +195,7 @@ class CocoEvaluator:
         self.coco_eval = {t: cocoeval.COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
         for coco_eval in self.coco_eval.values():
             coco_eval.params.maxDets = max_detections(topk)
-        warn_if_capped(self.coco_gt, max_detections(topk)[-1])
+        warn_if_capped(self.coco_gt, max_detections(topk)[-1], kept=topk)
         self.detections = {}  # image id -> list of COCO result dicts
 
     def update(self, predictions):

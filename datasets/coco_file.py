@@ -158,6 +158,9 @@ def _check_images(images, problems):
         if not _is_int(image.get("id")):
             problems.add("without an integer 'id'", f"images[{index}] {_short(image)}")
             continue
+        if not -2 ** 63 <= image["id"] < 2 ** 63:  # image ids travel in int64 tensors
+            problems.add("with an 'id' outside the 64-bit integer range", f"{where}")
+            continue
         name = image.get("file_name")
         if not isinstance(name, str) or not name:
             problems.add("without a 'file_name' string", f"{where}: {_short(name)}")
@@ -345,20 +348,32 @@ def check_coco_annotations(data, path):
     return data
 
 
+def _ids_of_unique_names(categories):
+    """{name: id} of the names that one category of `categories` ({id: category}) has."""
+    names = Counter(c.get("name") for c in categories.values())
+    return {c.get("name"): i for i, c in categories.items() if names[c.get("name")] == 1}
+
+
 def check_same_categories(categories, path, other_categories, other_path):
-    """An id in both files' categories ({id: category}, as pycocotools' ``COCO.cats``) has the same name in both;
-    else an error naming both files and the first few ids. An id in one file only is fine (a validation subset may
-    lack categories)."""
-    conflicts = [(i, categories[i].get("name"), other_categories[i].get("name"))
+    """An id in both files' categories ({id: category}, as pycocotools' ``COCO.cats``) has the same name in both,
+    and a name that each file gives one category has the same id in both; else an error naming both files and the
+    first few ids or names. An id in one file only is fine (a validation subset may lack categories)."""
+    conflicts = [f"id {i}: {_short(categories[i].get('name'))} in {Path(path).name}, "
+                 f"{_short(other_categories[i].get('name'))} in {Path(other_path).name}"
                  for i in sorted(set(categories) & set(other_categories))
                  if categories[i].get("name") != other_categories[i].get("name")]
+    what = "category ids different names"
+    if not conflicts:  # renumbered: the same names under other ids
+        ids, other_ids = _ids_of_unique_names(categories), _ids_of_unique_names(other_categories)
+        conflicts = [f"{_short(name)}: id {ids[name]} in {Path(path).name}, {other_ids[name]} in "
+                     f"{Path(other_path).name}" for name in sorted(set(ids) & set(other_ids), key=ids.get)
+                     if ids[name] != other_ids[name]]
+        what = "category names different ids"
     if not conflicts:
         return
-    examples = "; ".join(f"id {i}: {_short(a)} in {Path(path).name}, {_short(b)} in {Path(other_path).name}"
-                         for i, a, b in conflicts[:EXAMPLES])
-    raise ValueError(f"{path} and {other_path} give {len(conflicts)} category ids different names "
-                     f"({examples}{'; ...' if len(conflicts) > EXAMPLES else ''}): a model trained on one is "
-                     "evaluated against the other's categories; give each id the same category in both files")
+    raise ValueError(f"{path} and {other_path} give {len(conflicts)} {what} ({'; '.join(conflicts[:EXAMPLES])}"
+                     f"{'; ...' if len(conflicts) > EXAMPLES else ''}): a model trained on one is evaluated against "
+                     "the other's categories; give each id the same category in both files")
 
 
 def load_coco_annotations(path):

@@ -253,6 +253,15 @@ def test_evaluation_counts_topk_detections_when_it_is_above_100(coco, tmp_path, 
                                     "--resume", weights))
     assert list(load_evaluation(out / "eval.pth")["params"].maxDets) == max_dets
     assert len(stats["coco_eval_bbox"]) == 12 and stats["coco_eval_bbox"][0] >= 0
+    if topk == 100:  # a second evaluation into the same folder on a full disk keeps the first's eval.pth
+        fdopen = os.fdopen
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(util.checkpoint.os, "fdopen", lambda fd, mode: FullDisk(fdopen(fd, mode), room=2000))
+            with pytest.raises(OSError, match="no space left on device writing .*eval.pth; the previous eval.pth is "
+                                              "kept"):
+                project_main.main(parse("--coco_path", coco, "--eval", "--topk", topk, "--output_dir", out,
+                                        "--resume", weights))
+        assert list(load_evaluation(out / "eval.pth")["params"].maxDets) == max_dets
 
 
 def test_missing_area_and_iscrowd_do_not_stop_a_run_after_its_epoch(coco_copy, tmp_path):
@@ -364,7 +373,19 @@ def test_a_checkpoint_whose_tensors_fit_but_flags_differ_is_refused(tmp_path):
     dilated = parse("--coco_path", "unused", "--num_classes", 7, "--dilation")
     with pytest.raises(RuntimeError, match=r"without --dilation \(now --dilation\)"):
         load_model_state(model, {"model": model.state_dict(), "args": args}, "plain.pth", dilated)
+    scaled = parse("--coco_path", "unused", "--num_classes", 7, "--position_embedding_scale", 1.0)
+    with pytest.raises(RuntimeError, match=r"--position_embedding_scale 6\.28318.* \(now --position_embedding_scale "
+                                           r"1\.0\)"):
+        load_model_state(model, {"model": model.state_dict(), "args": args}, "plain.pth", scaled)
     load_model_state(model, {"model": model.state_dict(), "args": args}, "same.pth", args)  # its own flags: loads
+    # 16 heads of 2 points have the tensors of 8 heads of 4
+    eight = parse("--coco_path", "unused", "--num_classes", 7, "--nheads", 8, "--enc_n_points", 4, "--dec_n_points", 4)
+    sixteen = parse("--coco_path", "unused", "--num_classes", 7, "--nheads", 16, "--enc_n_points", 2,
+                    "--dec_n_points", 2)
+    with pytest.raises(RuntimeError, match=r"--nheads 8 \(now --nheads 16\), --enc_n_points 4 \(now "
+                                           r"--enc_n_points 2\), --dec_n_points 4 \(now --dec_n_points 2\)"):
+        load_model_state(build_model(sixteen)[0], {"model": build_model(eight)[0].state_dict(), "args": eight},
+                         "eight.pth", sixteen)
 
 
 def test_training_refuses_validation_categories_named_otherwise(coco_copy):
@@ -376,6 +397,32 @@ def test_training_refuses_validation_categories_named_otherwise(coco_copy):
     with pytest.raises(ValueError, match=r"instances_train2017\.json and .*instances_val2017\.json give 2 category "
                                          r"ids different names"):
         project_main.main(parse("--coco_path", coco_copy))
+
+
+def test_a_checkpoint_is_evaluated_and_resumed_on_its_own_categories_only(coco_copy, tmp_path):
+    """Checkpoints hold the categories they were trained on: --eval (which reads no training file) on a validation
+    file that names them otherwise scored the model against other categories without a word; so did a resumed
+    training on another training file."""
+    def swap_names(data):
+        first, second = data["categories"][:2]
+        first["name"], second["name"] = second["name"], first["name"]
+
+    train_file = json.loads(annotations(coco_copy, "train").read_text())
+    out = tmp_path / "run"
+    project_main.main(parse("--coco_path", coco_copy, "--output_dir", out, "--epochs", 1))
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["categories"] == {c["id"]: c["name"] for c in train_file["categories"]}
+    project_main.main(parse("--coco_path", coco_copy, "--eval", "--resume", out / "checkpoint.pth"))  # the same: fine
+    for split, flags in (("val", ["--eval"]), ("train", ["--epochs", 2])):
+        other = shutil.copytree(coco_copy, tmp_path / f"other_{split}")
+        for renamed in {"val", split}:  # training: both files (they agree with each other, not with the checkpoint)
+            edit_annotations(other, renamed, swap_names)
+        with pytest.raises(ValueError, match=rf"checkpoint\.pth \(trained on\) and .*instances_{split}2017\.json "
+                                             r"give 2 category ids different names"):
+            project_main.main(parse("--coco_path", other, "--resume", out / "checkpoint.pth", *flags))
+    del checkpoint["categories"]  # upstream's checkpoints and older ones: nothing to compare
+    save_checkpoint(checkpoint, tmp_path / "upstream.pth")
+    project_main.main(parse("--coco_path", tmp_path / "other_val", "--eval", "--resume", tmp_path / "upstream.pth"))
 
 
 def test_evaluating_weights_with_nan_names_the_images(coco, tmp_path):

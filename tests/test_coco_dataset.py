@@ -317,6 +317,24 @@ def test_category_ids_named_differently_by_the_two_files_are_refused(root_copy):
     check_same_categories(train, build_dataset("val", make_args(root_copy)))
 
 
+def test_category_names_under_other_ids_are_refused(root_copy):
+    """The same categories numbered otherwise (ids 1..6 in training, 11..16 in validation; with a --num_classes
+    that holds both): every detection would carry the training id, and AP was 0 without a word."""
+    train = build_dataset("train", make_args(root_copy, num_classes=17))
+    data = load_json(root_copy, "val")
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    for category in data["categories"]:
+        category["id"] += 10
+    for annotation in data["annotations"]:
+        annotation["category_id"] += 10
+    write_json(root_copy, "val", data)
+    val = build_dataset("val", make_args(root_copy, num_classes=17))
+    with pytest.raises(ValueError, match=rf"give {len(names)} category names different ids \("
+                                         rf'"{names[1]}": id 1 in instances_train2017\.json, 11 in '
+                                         rf"instances_val2017\.json; "):
+        check_same_categories(train, val)
+
+
 # ------------------------------------------------------------------------------------------ EXIF orientation and modes
 
 

@@ -8,7 +8,7 @@ import torch
 
 import datasets.coco_eval as coco_eval_module
 from datasets.coco import load_coco_api
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import CocoEvaluator, warn_if_capped
 from datasets.synthetic import make_synthetic_coco
 
 
@@ -109,13 +109,13 @@ def test_unsupported_iou_type(coco_gt):
 # ------------------------------------------------------------------------------------------ the summary and maxDets
 
 
-def dense_coco(tmp_path, objects=150):
-    """One 200 x 200 image holding `objects` small disjoint boxes of one category."""
+def dense_coco(tmp_path, objects=150, categories=1):
+    """One 200 x 200 image holding `objects` small disjoint boxes, of `categories` categories in turn."""
     boxes = [[(i % 15) * 13.0, (i // 15) * 13.0, 10.0, 10.0] for i in range(objects)]
     data = {"images": [{"id": 1, "file_name": "dense.jpg", "width": 200, "height": 200}],
-            "categories": [{"id": 1, "name": "dot"}],
-            "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 100.0, "iscrowd": 0}
-                            for i, box in enumerate(boxes)]}
+            "categories": [{"id": c + 1, "name": f"dot{c}"} for c in range(categories)],
+            "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1 + i % categories, "bbox": box,
+                             "area": 100.0, "iscrowd": 0} for i, box in enumerate(boxes)]}
     path = tmp_path / "dense.json"
     path.write_text(json.dumps(data))
     return load_coco_api(path)
@@ -146,10 +146,9 @@ def test_the_summary_is_pycocotools_own_at_cocos_maxdets(coco_gt, capsys):
 def test_dense_images_are_reported_and_topk_raises_maxdets(tmp_path):
     """COCO's maxDets counts detections per image and category: 150 objects of one class are capped at 100."""
     coco = dense_coco(tmp_path, objects=150)
-    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes of one category "
-                                         r"than the 100 detections per image and category COCO's AP counts "
-                                         r"\(maxDets\), up to 150: .*--topk above 100 \(e\.g\. --topk 150\) raises "
-                                         r"maxDets"):
+    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes than the 100 "
+                                         r"detections kept per image \(--topk\), up to 150: .*--topk 150 lifts the "
+                                         r"cap \(above 100 it also raises maxDets"):
         capped = CocoEvaluator(coco, ["bbox"])
     capped_stats = evaluate_all(capped, coco)
     assert capped_stats[0] < 0.7 and capped_stats[8] == pytest.approx(100 / 150)  # AR@100: 100 of 150 found
@@ -163,6 +162,27 @@ def test_dense_images_are_reported_and_topk_raises_maxdets(tmp_path):
     assert raised.coco_eval["bbox"].eval["precision"][..., 0, 2].mean() == pytest.approx(capped_stats[0])  # at 100
     assert CocoEvaluator(coco_gt=dense_coco(tmp_path, 5), iou_types=["bbox"], topk=50).coco_eval[
         "bbox"].params.maxDets == [1, 10, 100]  # fewer than 100 kept: COCO's maxDets
+
+
+def test_images_with_more_objects_than_topk_are_reported(tmp_path):
+    """The model keeps --topk detections per image over all categories: 120 objects of two categories (60 each,
+    under COCO's 100 per category) were capped at 100 found (AP 0.83 for perfect detections) without a word."""
+    coco = dense_coco(tmp_path, objects=120, categories=2)
+    with pytest.warns(UserWarning, match=r"1 of the 1 evaluated images have more ground-truth boxes than the 100 "
+                                         r"detections kept per image \(--topk\), up to 120"):
+        CocoEvaluator(coco, ["bbox"])
+    with pytest.warns(UserWarning, match=r"than the 50 detections kept per image \(--topk\), up to 120: .*--topk 120"):
+        CocoEvaluator(coco, ["bbox"], topk=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CocoEvaluator(coco, ["bbox"], topk=120)
+    # finished results (tools): the cap per image and category, 60 each
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_capped(coco, 100)
+    with pytest.warns(UserWarning, match="more ground-truth boxes of one category than the 50 detections per image "
+                                         r"and category COCO's AP counts \(maxDets\), up to 60"):
+        warn_if_capped(coco, 50)
 
 
 def evaluate_all(evaluator, coco):

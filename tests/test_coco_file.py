@@ -159,6 +159,8 @@ def test_nan_in_a_box_is_refused(tmp_path):
     (lambda d: d["annotations"][0].update(iscrowd=2), r"iscrowd that is not 0 or 1 \(e\.g\. annotation 1: 2\)"),
     (lambda d: d["annotations"].append(7), r"1 annotation that are not JSON objects"),
     (lambda d: d["images"][0].update(id=1.5), r"1 image entry without an integer 'id'"),
+    (lambda d: d["images"][0].update(id=2 ** 63), r"1 image entry with an 'id' outside the 64-bit integer range "
+                                                   r"\(e\.g\. image 9223372036854775808\)"),
     (lambda d: d["images"][0].pop("file_name"), r"1 image entry without a 'file_name' string \(e\.g\. image 1"),
     (lambda d: d["images"][0].update(width=0), r"width or height that is not a positive integer .*image 1: width 0"),
     (lambda d: d["images"][0].pop("height"), r"width or height that is not a positive integer"),

@@ -20,10 +20,12 @@ IGNORED_SUFFIXES = ("total_params", "total_ops")
 ARCHITECTURE_FLAGS = ("backbone", "pretrained_backbone", "dilation", "num_feature_levels", "enc_layers", "dec_layers",
                       "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one", "num_queries_one2many",
                       "dec_n_points", "enc_n_points", "with_box_refine", "two_stage", "mixed_selection",
-                      "position_embedding", "num_classes")
-# architecture flags that change the computation without changing a tensor's shape: a checkpoint trained with
-# other values fits the model and would compute something else (e.g. another split of the same queries)
-SHAPELESS_FLAGS = ("dilation", "num_queries_one2one", "num_queries_one2many")
+                      "position_embedding", "position_embedding_scale", "num_classes")
+# architecture flags that change the computation without changing a tensor's shape (always, or in some
+# combinations: 16 heads of 2 points have the tensors of 8 heads of 4): a checkpoint trained with other values
+# fits the model and would compute something else (e.g. another split of the same queries)
+SHAPELESS_FLAGS = ("dilation", "num_queries_one2one", "num_queries_one2many", "position_embedding_scale", "nheads",
+                   "enc_n_points", "dec_n_points")
 
 
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
