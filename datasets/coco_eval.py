@@ -36,20 +36,20 @@ def warn_if_capped(coco_gt, max_dets, kept=None):
     else more of one category than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP,
     cannot reach 1."""
     crowdless = [a for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
-    if kept is not None:
-        objects, cap = Counter(a["image_id"] for a in crowdless), f"the {kept} detections kept per image (--topk)"
+    if kept is not None:  # keys (image id,), as the other branch's (image id, category id)
+        objects = Counter((a["image_id"],) for a in crowdless)
+        limit, cap = kept, f"than the {kept} detections kept per image (--topk)"
     else:
         objects = Counter((a["image_id"], a["category_id"]) for a in crowdless)
-        cap = f"the {max_dets} detections per image and category COCO's AP counts (maxDets)"
-    limit = max_dets if kept is None else kept
-    dense = {key: count for key, count in objects.items() if count > limit}
+        limit = max_dets
+        cap = f"of one category than the {max_dets} detections per image and category COCO's AP counts (maxDets)"
+    dense = [key for key, count in objects.items() if count > limit]
     if dense and is_main_process():
-        most = max(dense.values())
-        images = len({key[0] if isinstance(key, tuple) else key for key in dense})
-        warnings.warn(f"{images} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes"
-                      f"{'' if kept is not None else ' of one category'} than {cap}, up to {most}: their recall, "
-                      f"hence AP, is capped; --topk {most} lifts the cap (above 100 it also raises maxDets; "
-                      "docs/data.md)", AnnotationWarning, stacklevel=3)
+        most = max(objects[key] for key in dense)
+        images = len({key[0] for key in dense})
+        warnings.warn(f"{images} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes {cap}, up "
+                      f"to {most}: their recall, hence AP, is capped; --topk {most} lifts the cap (above 100 it also "
+                      "raises maxDets; docs/data.md)", AnnotationWarning, stacklevel=3)
 
 
 def _summary_line(kind, iou, area, max_dets, value, params):

@@ -176,10 +176,12 @@ def load_checkpoint(model, filename, map_location="cpu", strict=False, logger=No
     missing = [k for k in own if k not in state and k not in computed]
     unexpected = [k for k in state if k not in own]
     required = tuple(required_prefixes)
-    if required and any(k.startswith(required) for k in missing + unexpected):
-        raise _incomplete(path, arch, [k for k in missing if k.startswith(required)],
-                          [k for k in unexpected if k.startswith(required + ("stages.",))
-                           and not k.endswith("relative_position_index")], required)
+    if required:
+        lacking = [k for k in missing if k.startswith(required)]
+        extra = [k for k in unexpected if k.startswith(required + ("stages.",))
+                 and not k.endswith("relative_position_index")]  # a computed buffer
+        if lacking or extra:
+            raise _incomplete(path, arch, lacking, extra, required)
     if strict and (missing or unexpected):
         raise RuntimeError(f"{path}: strict loading failed; missing keys: {_short_list(missing)}; "
                            f"unexpected keys: {_short_list(unexpected)}")

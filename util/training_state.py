@@ -136,7 +136,7 @@ def precision_change(checkpoint, amp, source="the checkpoint"):
     """A note when `checkpoint` was trained in another precision than `amp`, this run's (None when the same, or when
     its arguments are not saved): the command line decides, so a run relaunched without its --amp changes it."""
     saved = checkpoint.get("args")
-    if saved is None or not hasattr(saved, "use_fp16") and not hasattr(saved, "amp"):
+    if not hasattr(saved, "use_fp16") and not hasattr(saved, "amp"):  # no saved arguments (or not main.py's)
         return None
     trained = amp_mode(saved)
     if trained == amp:
