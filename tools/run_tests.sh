@@ -13,6 +13,20 @@ case "$WORKERS" in
     '' | *[!0-9]*) echo "TEST_WORKERS: expected a number of processes (0: none besides this one), got '$WORKERS'" >&2
                    exit 2 ;;
 esac
+# the training tests write checkpoints under the temporary folder, about 2 GiB at once at most (each test's folder
+# goes when it passes): refuse to start where a full disk would fail them midway; TEST_MIN_FREE_MIB=0 skips this
+TEMP_ROOT=${TMPDIR:-/tmp}
+MIN_FREE_MIB=${TEST_MIN_FREE_MIB:-4096}
+case "$MIN_FREE_MIB" in
+    '' | *[!0-9]*) echo "TEST_MIN_FREE_MIB: expected a number of MiB (0: no check), got '$MIN_FREE_MIB'" >&2
+                   exit 2 ;;
+esac
+FREE_MIB=$(df -Pm "$TEMP_ROOT" | awk 'NR == 2 {print $4}')
+if [ "$MIN_FREE_MIB" -gt 0 ] && [ "${FREE_MIB:-0}" -lt "$MIN_FREE_MIB" ]; then
+    echo "only ${FREE_MIB:-an unknown number of} MiB free in $TEMP_ROOT, the tests' temporary folder: they need" \
+         "$MIN_FREE_MIB (set TMPDIR to another folder, or TEST_MIN_FREE_MIB)" >&2
+    exit 1
+fi
 bash tools/install.sh
 OPTIONAL_SPEC=${OPTIONAL_SPEC:-"onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0 matplotlib
                tensorboard segment-anything==1.0"}
