@@ -3,15 +3,17 @@ and indexed with pycocotools."""
 import contextlib
 import io
 import os
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from util.image_io import decode_image, read_bytes
-from util.misc import get_local_rank, get_local_size
+from util.misc import get_local_rank, get_local_size, is_main_process
 
-from .coco_file import annotation_error, load_coco_annotations, pycocotools, read_coco_json
+from .coco_file import AnnotationWarning, annotation_error, load_coco_annotations, pycocotools, read_coco_json
 from .transforms import make_coco_transforms
 from .tta import MultiScaleViews, tta_scales
 
@@ -232,6 +234,20 @@ def check_layout(root, split):
                             f"{', '.join(entries[:10]) or 'nothing'}{', ...' if len(entries) > 10 else ''}{hint}")
 
 
+def warn_if_more_objects_than_queries(coco, ann_file, queries):
+    """A warning when training images hold more objects (crowd regions aside) than the model's `queries` one-to-one
+    queries: Hungarian matching leaves the rest unmatched (trained as background) and the model never predicts more
+    than `queries` boxes per image."""
+    objects = Counter(a["image_id"] for a in coco.anns.values() if not a.get("iscrowd", 0))
+    dense = sorted((count, image_id) for image_id, count in objects.items() if count > queries)
+    if dense and is_main_process():
+        most, image_id = dense[-1]
+        warnings.warn(f"{ann_file}: {len(dense)} training images have more objects than the {queries} one-to-one "
+                      f"queries (--num_queries_one2one), up to {most} (image {image_id}): matching leaves the rest "
+                      f"unmatched and the model finds at most {queries} per image; raise --num_queries_one2one",
+                      AnnotationWarning, stacklevel=2)
+
+
 def build(image_set, args):
     """COCO split ``image_set`` under ``args.coco_path``; ``args.eval_in_training_set`` evaluates on train."""
     root = dataset_root(args)
@@ -245,7 +261,10 @@ def build(image_set, args):
     transforms = make_coco_transforms(image_set, **transform_options(args))
     if image_set == "val" and getattr(args, "tta", False):
         transforms = MultiScaleViews(transforms, tta_scales(args))  # every image also at the --tta_scales
-    return CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
-                         cache_mode=getattr(args, "cache_mode", False),
-                         local_rank=get_local_rank(), local_size=get_local_size(),
-                         num_classes=getattr(args, "num_classes", None) or DEFAULT_NUM_CLASSES)
+    dataset = CocoDetection(root / img_folder, root / ann_file, transforms=transforms,
+                            cache_mode=getattr(args, "cache_mode", False),
+                            local_rank=get_local_rank(), local_size=get_local_size(),
+                            num_classes=getattr(args, "num_classes", None) or DEFAULT_NUM_CLASSES)
+    if image_set == "train" and getattr(args, "num_queries_one2one", None):
+        warn_if_more_objects_than_queries(dataset.coco, root / ann_file, args.num_queries_one2one)
+    return dataset

@@ -30,26 +30,32 @@ def max_detections(topk=COCO_MAX_DETS[-1]):
     return [*COCO_MAX_DETS] + ([int(topk)] if topk > COCO_MAX_DETS[-1] else [])
 
 
-def warn_if_capped(coco_gt, max_dets, kept=None):
+def warn_if_capped(coco_gt, max_dets, kept=None, queries=None):
     """A warning when an image has more objects (crowd regions aside) than evaluation can match: more than the
-    `kept` detections the model keeps per image (--topk; when given, the tighter cap, as maxDets is at least it),
-    else more of one category than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP,
-    cannot reach 1."""
+    `kept` detections the model keeps per image (--topk; when given, the tighter cap, as maxDets is at least it) or
+    the `queries` boxes it predicts per image (its one-to-one queries), whichever is fewer, else more of one category
+    than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP, cannot reach 1."""
     crowdless = [a for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
-    if kept is not None:  # keys (image id,), as the other branch's (image id, category id)
+    if queries is not None and (kept is None or queries < kept):
+        objects = Counter((a["image_id"],) for a in crowdless)
+        limit, cap = queries, f"than the {queries} boxes the model predicts per image (--num_queries_one2one)"
+        remedy = "a model with more one-to-one queries lifts the cap"
+    elif kept is not None:  # keys (image id,), as the other branch's (image id, category id)
         objects = Counter((a["image_id"],) for a in crowdless)
         limit, cap = kept, f"than the {kept} detections kept per image (--topk)"
+        remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
     else:
         objects = Counter((a["image_id"], a["category_id"]) for a in crowdless)
         limit = max_dets
         cap = f"of one category than the {max_dets} detections per image and category COCO's AP counts (maxDets)"
+        remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
     dense = [key for key, count in objects.items() if count > limit]
     if dense and is_main_process():
         most = max(objects[key] for key in dense)
         images = len({key[0] for key in dense})
         warnings.warn(f"{images} of the {len(coco_gt.imgs)} evaluated images have more ground-truth boxes {cap}, up "
-                      f"to {most}: their recall, hence AP, is capped; --topk {most} lifts the cap (above 100 it also "
-                      "raises maxDets; docs/data.md)", AnnotationWarning, stacklevel=3)
+                      f"to {most}: their recall, hence AP, is capped; {remedy.format(most=most)}", AnnotationWarning,
+                      stacklevel=3)
 
 
 def _summary_line(kind, iou, area, max_dets, value, params):
@@ -182,10 +188,12 @@ class CocoEvaluator:
 
     ``coco_eval[iou_type]`` is a ``COCOeval``; its ``stats`` (the 12 summary numbers) and ``eval`` are set
     by ``accumulate()`` / ``summarize()``. ``topk`` (the detections kept per image, --topk) above COCO's 100 raises
-    the maxDets the summary counts at (see max_detections); at most 100 leaves COCO's (1, 10, 100).
+    the maxDets the summary counts at (see max_detections); at most 100 leaves COCO's (1, 10, 100). ``queries``:
+    the boxes the model predicts per image (its one-to-one queries; None where detections are merged, as by TTA),
+    for the warning on images with more objects than can be found (warn_if_capped).
     """
 
-    def __init__(self, coco_gt, iou_types, topk=COCO_MAX_DETS[-1]):
+    def __init__(self, coco_gt, iou_types, topk=COCO_MAX_DETS[-1], queries=None):
         unsupported = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
         if unsupported:
             raise ValueError(f"unsupported iou types {unsupported}; supported: {SUPPORTED_IOU_TYPES}")
@@ -195,7 +203,7 @@ class CocoEvaluator:
         self.coco_eval = {t: cocoeval.COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
         for coco_eval in self.coco_eval.values():
             coco_eval.params.maxDets = max_detections(topk)
-        warn_if_capped(self.coco_gt, max_detections(topk)[-1], kept=topk)
+        warn_if_capped(self.coco_gt, max_detections(topk)[-1], kept=topk, queries=queries)
         self.detections = {}  # image id -> list of COCO result dicts
 
     def update(self, predictions):

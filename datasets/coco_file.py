@@ -16,6 +16,10 @@ EXAMPLES = 3  # entries named per kind of problem
 MAX_CATEGORY_ID = 100_000
 # a box may reach this many pixels past its image's border before it is reported (COCO's own boxes are within)
 BORDER_SLACK = 1.0
+# every box within [0, NORMALISED_LIMIT]^2 in images larger than twice that: boxes normalised to the image size
+NORMALISED_LIMIT = 1.01
+# at least this share of the annotations crowd regions: a warning (COCO's own files: about 1%)
+CROWD_SHARE = 0.5
 
 
 class AnnotationWarning(UserWarning):
@@ -303,6 +307,34 @@ def _report_boxes_outside(annotations, image_sizes, path):
                           stacklevel=2)
 
 
+def _normalised_boxes(annotations, image_sizes):
+    """An error text when every box lies within [0, 1] x [0, 1] of images larger than that: boxes given as fractions
+    of the image (as YOLO's files), not COCO's pixels; they train and score as sub-pixel objects (AP about 0)."""
+    boxes = [a["bbox"] for a in annotations if isinstance(a, dict) and _bbox_problem(a.get("bbox")) is None]
+    sizes = [size for size in image_sizes.values() if size is not None]
+    if not boxes or not sizes:
+        return None
+    right, bottom = max(x + w for x, _, w, _ in boxes), max(y + h for _, y, _, h in boxes)
+    width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
+    if right > NORMALISED_LIMIT or bottom > NORMALISED_LIMIT or max(width, height) <= 2 * NORMALISED_LIMIT:
+        return None
+    return (f"all {len(boxes)} boxes lie within [0, 1] (x + width up to {right:.3g}, y + height up to {bottom:.3g}) "
+            f"in images of up to {width} x {height} pixels: they look normalised to the image size, while COCO's "
+            "boxes are [x, y, width, height] in pixels (multiply x and width by the image's width, y and height by "
+            "its height)")
+
+
+def _report_crowds(annotations, path):
+    """One warning when most annotations are crowd regions (iscrowd 1, as some mask converters write for every
+    RLE mask): training leaves them out and COCO's evaluation scores no detection against them."""
+    crowds = sum(1 for ann in annotations if ann["iscrowd"])
+    if crowds and crowds >= CROWD_SHARE * len(annotations) and is_main_process():
+        warnings.warn(f"{path}: {crowds} of the {len(annotations)} annotations are crowd regions (iscrowd 1): "
+                      "training leaves them out and evaluation does not count them as objects (only detections over "
+                      "them go unpunished); an annotation of one object has iscrowd 0", AnnotationWarning,
+                      stacklevel=2)
+
+
 def _report_zero_areas(annotations, path):
     """One warning for objects whose 'area' is 0 while their box is not empty: COCO's evaluation takes the area, not
     the box, to file an object as small, medium or large, so these all count as small."""
@@ -335,6 +367,7 @@ def check_coco_annotations(data, path):
         _duplicates(category_ids, "category ids used by more than one category"),
         _duplicates(annotations_ids, "annotation ids used by more than one annotation (COCO's evaluation tells "
                                      "boxes apart by id)"),
+        _normalised_boxes(annotations, image_sizes),
     ]
     if category_ids and max(category_ids) >= MAX_CATEGORY_ID:
         problems.append(f"category ids reach {max(category_ids)} for {len(category_ids)} categories: the classifier "
@@ -345,6 +378,7 @@ def check_coco_annotations(data, path):
     _fill_missing_fields(annotations, path)
     _report_boxes_outside(annotations, image_sizes, path)
     _report_zero_areas(annotations, path)
+    _report_crowds(annotations, path)
     return data
 
 

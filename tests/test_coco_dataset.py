@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -441,3 +442,20 @@ def test_images_of_other_modes_are_read_as_rgb_through_the_dataset(root_copy, mo
     item, target = build_dataset("val", make_args(root_copy))[0]
     assert item.shape[0] == 3 and target["orig_size"].tolist() == [first["height"], first["width"]]
     assert 0.05 < float(item.std()) < 10
+
+
+def test_training_images_with_more_objects_than_queries_are_reported(synthetic_root):
+    """One-to-one matching pairs at most one object with each query: the rest trained as background, unsaid."""
+    objects = {}
+    for ann in load_json(synthetic_root, "train")["annotations"]:
+        objects[ann["image_id"]] = objects.get(ann["image_id"], 0) + 1
+    most = max(objects.values())
+    dense = sum(count == most for count in objects.values())
+    with pytest.warns(UserWarning, match=rf"instances_train2017\.json: {dense} training images have more objects than "
+                                         rf"the {most - 1} one-to-one queries \(--num_queries_one2one\), up to "
+                                         rf"{most} \(image \d+\)"):
+        build_dataset("train", make_args(synthetic_root, num_queries_one2one=most - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset("train", make_args(synthetic_root, num_queries_one2one=most))
+        build_dataset("val", make_args(synthetic_root, num_queries_one2one=1))  # evaluation: CocoEvaluator's warning

@@ -176,6 +176,15 @@ def test_images_with_more_objects_than_topk_are_reported(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CocoEvaluator(coco, ["bbox"], topk=120)
+    # fewer one-to-one queries than --topk: the queries cap what the model finds, and raising --topk does not help
+    with pytest.warns(UserWarning, match=r"than the 110 boxes the model predicts per image \(--num_queries_one2one\), "
+                                         r"up to 120: .*a model with more one-to-one queries lifts the cap$"):
+        CocoEvaluator(coco, ["bbox"], topk=300, queries=110)
+    with pytest.warns(UserWarning, match=r"than the 50 detections kept per image \(--topk\)"):
+        CocoEvaluator(coco, ["bbox"], topk=50, queries=110)  # the tighter of the two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CocoEvaluator(coco, ["bbox"], topk=300, queries=120)
     # finished results (tools): the cap per image and category, 60 each
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -257,6 +257,36 @@ def test_boxes_reaching_past_the_image_are_reported_with_the_xyxy_hint(tmp_path)
         load_coco_annotations(write(tmp_path, data))
 
 
+def test_boxes_normalised_to_the_image_size_are_refused(tmp_path):
+    """Boxes in fractions of the image (as YOLO's files) trained and scored as sub-pixel objects without a word."""
+    data = minimal()
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [x / 100, y / 80, w / 100, h / 80]
+    refused(tmp_path, data, r"all 3 boxes lie within \[0, 1\] \(x \+ width up to 0\.8, y \+ height up to 0\.5\) in "
+                            r"images of up to 100 x 80 pixels: they look normalised to the image size")
+    data["annotations"][2]["bbox"] = [0.5, 0.5, 1, 1]  # one box past [0, 1]: a tiny object among others, fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_coco_annotations(write(tmp_path, data))
+
+
+def test_a_file_of_crowd_regions_is_reported(tmp_path):
+    """Some mask converters mark every RLE mask iscrowd 1: training then sees no object and evaluation counts none."""
+    data = minimal()
+    for ann in data["annotations"][1:]:
+        ann["iscrowd"] = 1
+    path = write(tmp_path, data)
+    with pytest.warns(AnnotationWarning, match=r"instances_val2017\.json: 2 of the 3 annotations are crowd regions "
+                                               r"\(iscrowd 1\): training leaves them out"):
+        coco = load_coco_api(path)
+    assert perfect_stats(coco)[1] == pytest.approx(1) and len(coco.getAnnIds(iscrowd=False)) == 1  # what it says
+    data["annotations"][1]["iscrowd"] = 0  # a third: not reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_coco_annotations(write(tmp_path, data))
+
+
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
 def test_text_in_the_other_unicode_encodings_is_read(tmp_path, encoding):
     data = minimal()
