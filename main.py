@@ -36,6 +36,7 @@ from util.arguments import (  # noqa: F401 (upstream's names)
     get_args_parser,
     missing_packages,
     shared_flags,
+    unused_hybrid_flags,
 )
 from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
 from util.download import DownloadError
@@ -160,6 +161,9 @@ def main(args):
     check_output_dir(args.output_dir)
     args = derived_settings(args)
     print(args)
+    hybrid_note = unused_hybrid_flags(args)
+    if hybrid_note:
+        print(hybrid_note)
     device = torch.device(args.device)
     mixed_precision.warn_if_slow(device, args.amp, training=not args.eval)
     seed_everything(args.seed + utils.get_rank())

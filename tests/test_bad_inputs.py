@@ -24,7 +24,7 @@ from datasets.coco import decode_image
 from datasets.synthetic import make_synthetic_coco
 from models import build_model
 from models.backbone import training_flag_problems
-from util.arguments import argument_problems
+from util.arguments import argument_problems, unused_hybrid_flags
 from util.checkpoint import load_checkpoint, load_finetune_state, load_model_state, save_checkpoint
 
 TINY = [
@@ -181,6 +181,35 @@ def test_training_flags_the_backbone_would_not_read_are_refused(flags, message, 
     assert training_flag_problems(parse("--coco_path", coco, "--eval", *flags)) == []
     assert training_flag_problems(parse("--coco_path", coco, "--backbone", "swin_tiny", "--drop_path_rate", "0.3",
                                         "--no_backbone_checkpoint")) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixed_selection"], "--mixed_selection needs --two_stage (it keeps learned content queries beside the "
+                            "encoder's proposals)"),
+    (["--look_forward_twice"], "--look_forward_twice needs --with_box_refine (it acts on the boxes each decoder "
+                               "layer refines)"),
+])
+def test_tricks_without_the_part_they_act_on_are_refused(flags, message, coco):
+    """Each was accepted and changed nothing (the same model and losses); at --eval they are let through."""
+    plain = [flag for flag in TINY if flag not in ("--two_stage", "--with_box_refine")]
+    args = project_main.get_args_parser().parse_args([*plain, "--coco_path", str(coco), *flags])
+    assert argument_problems(args) == [message]
+    with pytest.raises(ValueError, match="bad flag values: " + re.escape(message)):
+        project_main.main(args)
+    args.eval = True
+    assert argument_problems(args) == []
+
+
+def test_hybrid_flags_without_one2many_queries_get_a_note(coco):
+    """Not an error: a hybrid config with --num_queries_one2many 0 is the branch's ablation (tools/compare_hybrid)."""
+    args = parse("--coco_path", coco, "--num_queries_one2many", 0, "--lambda_one2many", 2)
+    assert argument_problems(args) == []
+    assert unused_hybrid_flags(args) == ("--num_queries_one2many 0: the hybrid branch is off, --k_one2many 2 and "
+                                         "--lambda_one2many 2.0 unused")
+    assert unused_hybrid_flags(parse("--coco_path", coco)) is None  # 12 one-to-many queries
+    assert unused_hybrid_flags(parse("--coco_path", coco, "--num_queries_one2many", 0, "--eval")) is None
+    defaults = project_main.get_args_parser().parse_args(["--coco_path", str(coco)])
+    assert unused_hybrid_flags(defaults) is None  # main.py's defaults: the branch off, k and lambda not given
 
 
 def test_command_line_errors_exit_2_with_the_message():

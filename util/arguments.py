@@ -12,6 +12,8 @@ from .misc import positive_seconds
 DEFAULT_PRETRAINED_BACKBONE_PATH = "./swin_tiny_patch4_window7_224.pkl"
 AMP_MODES = ("fp32", "bf16", "fp16")
 DEFAULT_DROP_PATH_RATE = 0.2
+DEFAULT_K_ONE2MANY = 5
+DEFAULT_LAMBDA_ONE2MANY = 1.0
 # upstream's scales (shorter sides at an evaluation size of 800) and their object-size ranges, in pixels of the
 # image resized to that scale
 UPSTREAM_EVAL_SIZE = 800
@@ -106,10 +108,11 @@ def get_args_parser():
     parser.add_argument("--mixed_selection", action="store_true", default=False)
     parser.add_argument("--look_forward_twice", action="store_true", default=False)
     # hybrid branch: on when --num_queries_one2many > 0
-    parser.add_argument("--k_one2many", default=5, type=int,
+    parser.add_argument("--k_one2many", default=DEFAULT_K_ONE2MANY, type=int,
                         help="times the ground truth is repeated for the one-to-many queries (used only with "
                              "--num_queries_one2many > 0, which needs it > 0)")
-    parser.add_argument("--lambda_one2many", default=1.0, type=float, help="weight of the one-to-many losses")
+    parser.add_argument("--lambda_one2many", default=DEFAULT_LAMBDA_ONE2MANY, type=float,
+                        help="weight of the one-to-many losses")
 
     # segmentation (DETR leftover)
     parser.add_argument("--masks", action="store_true", help="not supported by the deformable model")
@@ -350,7 +353,33 @@ def argument_problems(args):
           "checkpoint's weights)")
     check(not (args.finetune and args.eval), "--finetune starts a training run; evaluate with --eval --resume")
     check(not args.tta or args.eval, "--tta (test-time augmentation) needs --eval: training evaluates at one scale")
+    problems += model_flag_problems(args)
     return problems  # --num_queries_one2many > 0 with --k_one2many 0 is models.deformable_detr.build()'s check
+
+
+def model_flag_problems(args):
+    """Model flags of a training run that change nothing without the part they act on, one message each (none with
+    --eval, whose flags rebuild a trained model)."""
+    if args.eval:
+        return []
+    unread = [
+        (args.mixed_selection and not args.two_stage,
+         "--mixed_selection needs --two_stage (it keeps learned content queries beside the encoder's proposals)"),
+        (args.look_forward_twice and not args.with_box_refine,
+         "--look_forward_twice needs --with_box_refine (it acts on the boxes each decoder layer refines)"),
+    ]
+    return [message for problem, message in unread if problem]
+
+
+def unused_hybrid_flags(args):
+    """A note when a training run gives the hybrid branch's --k_one2many / --lambda_one2many with no one-to-many
+    queries (not an error: a hybrid config with --num_queries_one2many 0 is the branch's ablation), else None."""
+    given = [f"--{name} {getattr(args, name)}" for name, default in
+             (("k_one2many", DEFAULT_K_ONE2MANY), ("lambda_one2many", DEFAULT_LAMBDA_ONE2MANY))
+             if getattr(args, name) != default]
+    if args.eval or args.num_queries_one2many or not given:
+        return None
+    return f"--num_queries_one2many 0: the hybrid branch is off, {' and '.join(given)} unused"
 
 
 def missing_packages(args):
