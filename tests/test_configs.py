@@ -264,6 +264,57 @@ def test_run_dist_launch_rejects(tmp_path, argv, message):
     assert out.stdout == ""
 
 
+def launcher_call(name, tmp_path, config, cwd=REPO):
+    """Run launcher ``name`` (launch or slurm) on ``config`` with a fake python / srun that prints its argv."""
+    if name == "launch":
+        argv, fake = ["bash", str(LAUNCH), "1", str(config)], "python"
+    else:
+        argv, fake = ["bash", str(SLURM), "gpu", "hdetr", "1", str(config)], "srun"
+    return run([*argv, "--eval"], clean_env(fake_bin(tmp_path, fake)), cwd=cwd)
+
+
+@pytest.mark.parametrize("name", ["launch", "slurm"])
+@pytest.mark.parametrize("case", ["missing", "relative", "folder", "not_executable"])
+def test_launchers_check_the_config_first(tmp_path, name, case):
+    """torchrun --no-python (srun: each task) ran the path as it was: a 63-line traceback ending in
+    FileNotFoundError or PermissionError, once per process, for a script just written without chmod +x."""
+    script = LAUNCH if name == "launch" else SLURM
+    config = tmp_path / "my config.sh"
+    shown = config
+    if case == "relative":
+        config = shown = Path("configs") / "no_such.sh"
+    elif case == "folder":
+        config = shown = tmp_path
+    elif case == "not_executable":
+        config.write_text((REPO / CONFIG).read_text())
+        config.chmod(0o644)
+    out = launcher_call(name, tmp_path, config)
+    expected = {
+        "missing": "does not exist; check the path",
+        "relative": f"does not exist (a relative path, from {REPO}); check the path",
+        "folder": "is not a regular file; give the script itself, e.g. configs/<config>.sh",
+        "not_executable": f"is not executable; run: chmod +x {str(config).replace(' ', chr(92) + ' ')}",
+    }[case]
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"{script}: config script '{shown}' {expected}"]
+    if case == "not_executable":  # the advice, run as given, is enough
+        fix = out.stderr.split("; run: ")[1]
+        assert subprocess.run(["bash", "-c", fix]).returncode == 0
+        out = launcher_call(name, tmp_path, config)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-2:] == [str(config), "--eval"]
+
+
+def test_run_dist_launch_runs_a_bare_config_name_from_the_current_folder(tmp_path):
+    """torchrun looks a name without a slash up on PATH: the checked file in this folder was not found."""
+    (tmp_path / "mine.sh").write_text((REPO / CONFIG).read_text())
+    (tmp_path / "mine.sh").chmod(0o755)
+    out = launcher_call("launch", tmp_path, "mine.sh", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    opts = torchrun_call(out.stdout.splitlines())
+    assert opts.training_script == "./mine.sh" and opts.training_script_args == ["--eval"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--resume", "exps/old/checkpoint0003.pth"], "--resume is set by this script"),  # it evaluated that one
     (["--resu=x.pth"], "--resu=x.pth abbreviates --resume, which this script sets"),

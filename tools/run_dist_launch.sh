@@ -30,6 +30,12 @@ if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ $((10#$NODE_RANK)) -ge "$NNODES" ]; then
     exit 2
 fi
 NODE_RANK=$((10#$NODE_RANK))
+. "$(dirname "${BASH_SOURCE[0]}")/config_script_check.sh" "$0"
+# torchrun looks a name without a slash up on PATH, not in the current folder: run the file just checked
+case $CONFIG in
+    */*) ;;
+    *) CONFIG=./$CONFIG ;;
+esac
 
 set -x
 exec ${PYTHON:-python} -m torch.distributed.run \

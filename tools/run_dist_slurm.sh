@@ -25,6 +25,7 @@ shift 4
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_counts.sh" "$0"
 CPUS_PER_TASK=${CPUS_PER_TASK:-4}
 SRUN_ARGS=${SRUN_ARGS:-""}
+. "$(dirname "${BASH_SOURCE[0]}")/config_script_check.sh" "$0"
 
 set -x
 # SRUN_ARGS is left unquoted on purpose: it holds several srun options, split into words but not expanded as file
