@@ -77,6 +77,57 @@ def _check_outputs_finite(outputs, where, consequence):
                                  f"({', '.join(bad[:6]) or 'on another process'}): {consequence}")
 
 
+CLASS_ERRORS = ("class_error", "class_error_one2many")  # the criterion's statistics of the matched queries
+
+
+def class_errors(loss_dict, targets, outputs):
+    """Take the class errors out of loss_dict (they are no loss terms): {name: (error in %, number of matched
+    objects)} of this step's batches on all processes, without those that no process matched any object for.
+
+    The criterion's class_error (and class_error_one2many of the hybrid) is the error of a batch's matched
+    queries, 100 for a batch without objects (as upstream's): weighted here by their number, so that the step's
+    value and the meters' averages (class_errors_update) are the error over all matched objects, not a mean over
+    batches or processes, and a batch without objects counts for nothing.
+    The weight is the matched one-to-one queries (each image's objects, at most its queries), also for the
+    one-to-many group (whose k-fold repeated objects would weigh the same). Collective: every process reduces
+    the same pairs, also with no objects of its own."""
+    queries = outputs["pred_logits"].shape[1]
+    matched = float(sum(min(len(t["labels"]), queries) for t in targets))
+    pairs = []
+    for name in CLASS_ERRORS:
+        error = loss_dict.pop(name, None)
+        pairs += [float(error) * matched, matched] if error is not None and matched else [0.0, 0.0]
+    sums = torch.tensor(pairs, dtype=torch.float64, device=outputs["pred_logits"].device)
+    if is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(sums)
+    sums = sums.tolist()
+    return {name: (total / count, int(count))
+            for name, total, count in zip(CLASS_ERRORS, sums[0::2], sums[1::2]) if count}
+
+
+def class_error_scalars(errors):
+    """The logged names of class_errors' values: class_error (also as class_error_unscaled, and
+    class_error_one2many_unscaled, the names of upstream's log) -> (value, weight)."""
+    scalars = {}
+    for name, pair in errors.items():
+        if name == "class_error":
+            scalars[name] = pair
+        scalars[f"{name}_unscaled"] = pair
+    return scalars
+
+
+def class_errors_update(logger, weighted):
+    """Add class_error_scalars' values to the logger's meters, each weighted by its number of matched objects
+    (a step without objects adds nothing: its console line shows the last value)."""
+    for name, (value, count) in weighted.items():
+        logger.meters[name].update(value, n=count)
+
+
+def class_error_text(logger):
+    meter = logger.meters["class_error"]
+    return f"cls_err {meter.value:.1f}" if meter.deque else "cls_err -"
+
+
 def train_logger():
     """The MetricLogger of a training epoch (its meters are what a mid-epoch checkpoint saves)."""
     logger = MetricLogger(delimiter="  ")
@@ -105,7 +156,7 @@ def train_summary(logger):
     text = f"loss {meters['loss'].median:.3f}"
     if "loss_one2one" in meters:
         text += f" (o2o {meters['loss_one2one'].median:.3f}, o2m {meters['loss_one2many'].median:.3f})"
-    text += f"  cls_err {meters['class_error'].value:.1f}  lr {meters['lr'].value:.1e}"
+    text += f"  {class_error_text(logger)}  lr {meters['lr'].value:.1e}"
     if meters["grad_norm"].count:  # the last step's, or the last not skipped by the fp16 scaler
         text += f"  grad {meters['grad_norm'].value:.2f}"
     return text + (f"  scale {meters['loss_scale'].value:.0f}" if "loss_scale" in meters else "")
@@ -145,6 +196,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 
+        errors = class_errors(loss_dict, targets, outputs)  # weighted by the matched objects of all processes
+        weighted = class_error_scalars(errors)
         reduced = reduce_dict(loss_dict)  # for logging, averaged over processes
         reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
         loss_value = reduced_total.item()
@@ -166,31 +219,34 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         reduced = {k: v.item() for k, v in reduced.items()}
         reduced_scaled = {k: v.item() for k, v in reduced_scaled.items()}
         scalars = {"loss": loss_value, **group_losses(reduced_scaled), **reduced_scaled,
-                   **{f"{k}_unscaled": v for k, v in reduced.items()}, "class_error": reduced["class_error"],
+                   **{f"{k}_unscaled": v for k, v in reduced.items()},
+                   **{k: value for k, (value, _) in weighted.items()},
                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
         if scale is not None:  # a step whose gradients overflowed is skipped (the scale lowered): no grad norm
             skipped = scaler.get_scale() < scale
             scalars.update(loss_scale=scale, skipped_step=float(skipped))  # an epoch's: the share skipped
             if skipped:
                 del scalars["grad_norm"]
-        logger.update(**scalars)
+        logger.update(**{k: v for k, v in scalars.items() if k not in weighted})
+        class_errors_update(logger, weighted)
         if use_wandb:
             import wandb
 
-            wandb.log(reduced)
+            wandb.log({**reduced, **{k: value for k, (value, _) in errors.items()}})
         if after_iteration is not None:
             after_iteration(iteration, logger, scalars)
         samples, targets = prefetcher.next()
 
     logger.synchronize_between_processes()
     stats = {k: meter.global_avg for k, meter in logger.meters.items() if k not in GROUP_SUMS and meter.count}
-    print(f"Epoch {epoch} averages: loss {stats['loss']:.4f}, class_error {stats['class_error']:.2f} (every term in "
-          "log.txt)", flush=True)
+    class_error = f"{stats['class_error']:.2f}" if "class_error" in stats else "- (no objects)"
+    print(f"Epoch {epoch} averages: loss {stats['loss']:.4f}, class_error {class_error} (every term in log.txt)",
+          flush=True)
     return stats
 
 
 def eval_summary(logger):
-    return f"loss {logger.meters['loss'].median:.3f}  cls_err {logger.meters['class_error'].value:.1f}"
+    return f"loss {logger.meters['loss'].median:.3f}  {class_error_text(logger)}"
 
 
 @torch.no_grad()
@@ -217,10 +273,12 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             image_ids = [t["image_id"].item() for t in targets]
             _check_outputs_finite(outputs, f"in evaluation, on the batch of images {image_ids}",
                                   "are the weights (or the --amp precision) broken?")
-            reduced = reduce_dict(criterion(outputs, targets))
+            loss_dict = criterion(outputs, targets)
+            errors = class_errors(loss_dict, targets, outputs)  # weighted by the matched objects of all processes
+            reduced = reduce_dict(loss_dict)
             reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
             logger.update(loss=reduced_total, **reduced_scaled, **{f"{k}_unscaled": v for k, v in reduced.items()})
-            logger.update(class_error=reduced["class_error"])
+            class_errors_update(logger, class_error_scalars(errors))
 
             orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
             results = postprocessors["bbox"](outputs, orig_sizes)
@@ -235,7 +293,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize(table)
-    stats = {k: meter.global_avg for k, meter in logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in logger.meters.items() if meter.count}  # class_error: objects seen
     stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
     if use_wandb:
         import wandb
