@@ -263,7 +263,9 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     criterion.eval()
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    coco_evaluator = CocoEvaluator(base_ds, ("bbox",), topk=postprocessors["bbox"].topk)  # --topk > 100: maxDets
+    # --topk > 100: maxDets; the boxes per image: the one-to-one queries (more with TTA's merged passes)
+    queries = None if tta is not None else getattr(getattr(model, "module", model), "num_queries_one2one", None)
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",), topk=postprocessors["bbox"].topk, queries=queries)
     weight_dict = criterion.weight_dict
     try:
         for samples, targets, *views in logger.log_every(data_loader, print_freq, "Test", summary=eval_summary):

@@ -293,6 +293,24 @@ def test_evaluation_counts_topk_detections_when_it_is_above_100(coco, tmp_path, 
         assert list(load_evaluation(out / "eval.pth")["params"].maxDets) == max_dets
 
 
+def test_evaluation_names_the_queries_when_they_cap_the_objects_found(coco_copy, tmp_path):
+    """An image with more objects than the model's one-to-one queries (6 here): the warning named --topk (100),
+    which cannot help; it names the queries."""
+    def crowd_one_image(data):
+        image = data["images"][0]
+        for i in range(10):
+            data["annotations"].append({"id": 10_000 + i, "image_id": image["id"], "category_id": 1,
+                                        "bbox": [2 * i, 2 * i, 8, 8], "area": 64, "iscrowd": 0})
+
+    edit_annotations(coco_copy, "val", crowd_one_image)
+    weights = tmp_path / "random.pth"
+    save_checkpoint({"model": build_model(parse("--coco_path", coco_copy, "--num_classes", 7))[0].state_dict()},
+                    weights)
+    with pytest.warns(UserWarning, match=r"1 of the 2 evaluated images have more ground-truth boxes than the 6 boxes "
+                                         r"the model predicts per image \(--num_queries_one2one\)"):
+        project_main.main(parse("--coco_path", coco_copy, "--eval", "--resume", weights))
+
+
 def test_missing_area_and_iscrowd_do_not_stop_a_run_after_its_epoch(coco_copy, tmp_path):
     """Filled in at load (one warning per file): the run trains, evaluates and writes its log line."""
     def strip(data):
