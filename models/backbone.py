@@ -12,6 +12,7 @@ from mmcv_custom import load_checkpoint as load_swin_checkpoint
 from mmcv_custom.checkpoint import _read as read_weights
 from util.arguments import DEFAULT_DROP_PATH_RATE, DEFAULT_PRETRAINED_BACKBONE_PATH
 from util.misc import NestedTensor, downsample_mask
+from util.tracing import is_exporting
 
 from .mae_checkpoint import load_mae_checkpoint
 from .position_encoding import build_position_encoding
@@ -135,7 +136,7 @@ class TransformerBackbone(BackboneBase):
 def _pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
     """Zero-pad the images [B, 3, H, W] at the bottom/right to multiples of `multiple`, the mask marking the pad."""
     pad_h, pad_w = (-samples.tensors.shape[-2]) % multiple, (-samples.tensors.shape[-1]) % multiple
-    if not pad_h and not pad_w and not torch.compiler.is_exporting():  # an exported graph pads for every size
+    if not pad_h and not pad_w and not is_exporting():  # an exported graph pads for every size
         return samples
     tensors = torch.nn.functional.pad(samples.tensors, (0, pad_w, 0, pad_h))
     return NestedTensor(tensors, torch.nn.functional.pad(samples.mask, (0, pad_w, 0, pad_h), value=True))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.amp import REDUCED_DTYPES
+from util.tracing import is_exporting
 
 _AUTOCAST_CASTS = (torch.float32, *REDUCED_DTYPES)  # the dtypes autocast casts for a linear layer
 
@@ -55,7 +56,7 @@ def _in_place_relu_applies(linear1, linear2, activation, dropout, x):
         t.dtype in _AUTOCAST_CASTS for t in (x, linear1.weight, linear2.weight))
     return (activation is F.relu and not (dropout.training and dropout.p > 0)
             and linear1.bias is not None and linear2.bias is not None and autocast_casts_all
-            and not torch.compiler.is_exporting())
+            and not is_exporting())
 
 
 def feed_forward(linear1: nn.Linear, linear2: nn.Linear, activation, dropout: nn.Dropout, x):

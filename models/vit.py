@@ -19,6 +19,8 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from torch import nn
 
+from util.tracing import is_exporting
+
 from .swin_transformer import PatchEmbed, padded_to_windows, window_partition, window_reverse
 
 
@@ -51,7 +53,7 @@ def relative_position_embeddings(table, size):
     """[size (query), size (key), C] embeddings of the offsets query - key, from a learned table [L, C] made for
     L = 2 * size - 1 offsets (linearly resized when L differs)."""
     length = 2 * size - 1
-    if table.shape[0] != length or torch.compiler.is_exporting():  # an exported graph resizes for every size
+    if table.shape[0] != length or is_exporting():  # an exported graph resizes for every size
         table = F.interpolate(table.t()[None], size=length, mode="linear")[0].t()  # [C, L] resized, back to [L', C]
     offsets = torch.arange(size, device=table.device)
     return table[offsets[:, None] - offsets[None, :] + size - 1]
@@ -73,7 +75,7 @@ def grid_position_embedding(pos_embed, h, w):
     grid = pos_embed[:, 1:]
     n = math.isqrt(grid.shape[1])
     grid = grid.reshape(1, n, n, -1)
-    if (n, n) != (h, w) or torch.compiler.is_exporting():  # an exported graph resizes for every size
+    if (n, n) != (h, w) or is_exporting():  # an exported graph resizes for every size
         grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1)
     return grid
