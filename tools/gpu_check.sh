@@ -5,8 +5,8 @@
 #   when missing; torch and torchvision never); the compiled CUDA and CPU ops built (JIT, the visible GPU's
 #   architecture); the op's tests on CUDA (registration, kernels in fp64/fp32/fp16/bf16, autocast, dispatch);
 #   the CUDA kernels against the CPU kernels; models/ops/test.py; the full-size R50 H-Deformable-DETR (300 + 1500
-#   queries, 800x1333, batch 2): a timed hybrid training step and evaluation forward in fp32, bf16 and fp16
-#   (tools/benchmark.py --amp); the op benchmark.
+#   queries, 800x1333): a timed hybrid training step (batch 2) and evaluation forward (batch 1), with the compiled
+#   op, in fp32, bf16 and fp16 (tools/benchmark.py --amp); the op benchmark.
 #
 #   bash tools/gpu_check.sh [REPORT]            # default REPORT: $OUT/gpu_check_report.txt if $OUT is set, else ./
 #   bash tools/gpu_check.sh --smoke [REPORT]    # the same steps on the CPU with a tiny model, in under 5 minutes

@@ -50,8 +50,9 @@ def sam_args_parser():
                                                                     "order of --images); evaluated alone")
     source.add_argument("--detections", default=None, help="boxes from this json (COCO results, or tools/infer.py's "
                                                             "detections.json) instead of a --resume checkpoint")
-    source.add_argument("--config", default=None, help="config script whose main.py flags build the detector, "
-                                                       "instead of the arguments saved in the checkpoint")
+    source.add_argument("--config", default=None, help="config script whose main.py flags build the detector, for "
+                                                       "a checkpoint without saved arguments (ours and upstream's "
+                                                       "hold them)")
     source.add_argument("--threshold", type=float, default=0.0, help="lowest detection score prompted (default: "
                                                                      "all of the detector's top-k)")
     sam = parser.add_argument_group("SAM")
