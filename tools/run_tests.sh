@@ -13,7 +13,7 @@ case "$WORKERS" in
     '' | *[!0-9]*) echo "TEST_WORKERS: expected a number of processes (0: none besides this one), got '$WORKERS'" >&2
                    exit 2 ;;
 esac
-# the training tests write checkpoints under the temporary folder, about 2 GiB at once at most (each test's folder
+# the training tests write checkpoints under the temporary folder, about 2.4 GiB at once at most (each test's folder
 # goes when it passes): refuse to start where a full disk would fail them midway; TEST_MIN_FREE_MIB=0 skips this
 TEMP_ROOT=${TMPDIR:-/tmp}
 MIN_FREE_MIB=${TEST_MIN_FREE_MIB:-4096}
