@@ -78,31 +78,29 @@ def _check_outputs_finite(outputs, where, consequence):
 
 
 CLASS_ERRORS = ("class_error", "class_error_one2many")  # the criterion's statistics of the matched queries
+MATCHED = "matched_objects"  # their weight, beside them in the dict reduce_dict averages over processes
 
 
-def class_errors(loss_dict, targets, outputs):
-    """Take the class errors out of loss_dict (they are no loss terms): {name: (error in %, number of matched
-    objects)} of this step's batches on all processes, without those that no process matched any object for.
+def weigh_class_errors(loss_dict, targets, outputs):
+    """loss_dict (the criterion's, for reduce_dict) with each class error (class_error; class_error_one2many of
+    the hybrid) times the batch's matched objects (each image's objects, at most the outputs' one-to-one
+    queries), and their number under MATCHED. Averaged over processes, their ratio (class_errors) is the error
+    over all matched objects, not a mean over batches or processes; upstream's 100 of a batch without objects
+    weighs nothing. The one-to-many group takes the same weight (its k-fold repeated objects would weigh the
+    same)."""
+    logits = outputs["pred_logits"]  # [B, queries, classes]
+    matched = sum(min(len(t["labels"]), logits.shape[1]) for t in targets)
+    weighted = {k: v * matched if k in CLASS_ERRORS else v for k, v in loss_dict.items()}
+    weighted[MATCHED] = torch.tensor(float(matched), device=logits.device)
+    return weighted
 
-    The criterion's class_error (and class_error_one2many of the hybrid) is the error of a batch's matched
-    queries, 100 for a batch without objects (as upstream's): weighted here by their number, so that the step's
-    value and the meters' averages (class_errors_update) are the error over all matched objects, not a mean over
-    batches or processes, and a batch without objects counts for nothing.
-    The weight is the matched one-to-one queries (each image's objects, at most its queries), also for the
-    one-to-many group (whose k-fold repeated objects would weigh the same). Collective: every process reduces
-    the same pairs, also with no objects of its own."""
-    queries = outputs["pred_logits"].shape[1]
-    matched = float(sum(min(len(t["labels"]), queries) for t in targets))
-    pairs = []
-    for name in CLASS_ERRORS:
-        error = loss_dict.pop(name, None)
-        pairs += [float(error) * matched, matched] if error is not None and matched else [0.0, 0.0]
-    sums = torch.tensor(pairs, dtype=torch.float64, device=outputs["pred_logits"].device)
-    if is_dist_avail_and_initialized():
-        torch.distributed.all_reduce(sums)
-    sums = sums.tolist()
-    return {name: (total / count, int(count))
-            for name, total, count in zip(CLASS_ERRORS, sums[0::2], sums[1::2]) if count}
+
+def class_errors(reduced):
+    """Take the weighted class errors and MATCHED out of `reduced` (weigh_class_errors' dict after reduce_dict):
+    {name: (error in %, weight)}, without them when no process matched any object."""
+    weight = float(reduced.pop(MATCHED))
+    totals = {name: float(reduced.pop(name)) for name in CLASS_ERRORS if name in reduced}
+    return {name: (total / weight, weight) for name, total in totals.items()} if weight else {}
 
 
 def class_error_scalars(errors):
@@ -196,9 +194,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         loss_dict = criterion(outputs, targets)
         _, losses = weighted_losses(loss_dict, weight_dict)
 
-        errors = class_errors(loss_dict, targets, outputs)  # weighted by the matched objects of all processes
-        weighted = class_error_scalars(errors)
-        reduced = reduce_dict(loss_dict)  # for logging, averaged over processes
+        # for logging, averaged over processes
+        reduced = reduce_dict(weigh_class_errors(loss_dict, targets, outputs))
         reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
         loss_value = reduced_total.item()
         _check_finite(loss_value, reduced, epoch, iteration)
@@ -217,6 +214,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             ema.update(averaged, step=epoch * iterations + iteration + 1)
 
         reduced = {k: v.item() for k, v in reduced.items()}
+        errors = class_errors(reduced)  # over the matched objects of all processes
+        weighted = class_error_scalars(errors)
         reduced_scaled = {k: v.item() for k, v in reduced_scaled.items()}
         scalars = {"loss": loss_value, **group_losses(reduced_scaled), **reduced_scaled,
                    **{f"{k}_unscaled": v for k, v in reduced.items()},
@@ -275,9 +274,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             image_ids = [t["image_id"].item() for t in targets]
             _check_outputs_finite(outputs, f"in evaluation, on the batch of images {image_ids}",
                                   "are the weights (or the --amp precision) broken?")
-            loss_dict = criterion(outputs, targets)
-            errors = class_errors(loss_dict, targets, outputs)  # weighted by the matched objects of all processes
-            reduced = reduce_dict(loss_dict)
+            reduced = reduce_dict(weigh_class_errors(criterion(outputs, targets), targets, outputs))
+            errors = class_errors(reduced)  # over the matched objects of all processes
             reduced_scaled, reduced_total = weighted_losses(reduced, weight_dict)
             logger.update(loss=reduced_total, **reduced_scaled, **{f"{k}_unscaled": v for k, v in reduced.items()})
             class_errors_update(logger, class_error_scalars(errors))

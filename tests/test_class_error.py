@@ -64,11 +64,13 @@ def test_a_batch_without_objects_counts_for_nothing():
     empty = batch((), ())[1]
     losses = criterion()(outputs, empty)
     assert losses["class_error"].item() == 100.0
-    assert engine.class_errors(losses, empty, outputs) == {} and "class_error" not in losses
+    weighted = engine.weigh_class_errors(losses, empty, outputs)
+    assert engine.class_errors(weighted) == {} and "class_error" not in weighted and engine.MATCHED not in weighted
     hybrid = HybridCriterion(criterion(), k_one2many=2)(
         {**outputs, "pred_logits_one2many": outputs["pred_logits"], "pred_boxes_one2many": outputs["pred_boxes"]},
         empty)
-    assert engine.class_errors(hybrid, empty, outputs) == {} and not any(k.startswith("class_error") for k in hybrid)
+    weighted = engine.weigh_class_errors(hybrid, empty, outputs)
+    assert engine.class_errors(weighted) == {} and not any(k.startswith("class_error") for k in weighted)
     # a batch with objects: the error of its matched queries, as before
     assert criterion()(outputs, batch((WRONG,), (RIGHT,))[1])["class_error"].item() == pytest.approx(50.0)
 
@@ -117,17 +119,23 @@ def test_the_evaluation_class_error_is_weighted_by_the_matched_objects(monkeypat
     assert "class_error" not in stats
 
 
+def errors_of(loss_dict, targets, outputs):
+    """class_errors of one process (reduce_dict returns its dict unchanged), and the dict it leaves."""
+    weighted = engine.weigh_class_errors(loss_dict, targets, outputs)
+    return engine.class_errors(weighted), weighted
+
+
 def test_class_errors_pops_the_errors_and_weighs_them():
     outputs = FixedModel()(torch.zeros(2, 3, 8, 8))
     loss_dict = {"loss_ce": torch.tensor(1.0), "class_error": torch.tensor(50.0),
                  "class_error_one2many": torch.tensor(25.0)}
-    errors = engine.class_errors(loss_dict, batch((RIGHT,), (WRONG, RIGHT, RIGHT))[1], outputs)
+    errors, left = errors_of(loss_dict, batch((RIGHT,), (WRONG, RIGHT, RIGHT))[1], outputs)
     assert errors == {"class_error": (50.0, 4), "class_error_one2many": (25.0, 4)}
-    assert loss_dict.keys() == {"loss_ce"}
+    assert left.keys() == {"loss_ce"}
     # an image with more objects than queries has only QUERIES of them matched
-    errors = engine.class_errors({"class_error": torch.tensor(10.0)}, batch((RIGHT,) * (QUERIES + 3))[1], outputs)
+    errors, _ = errors_of({"class_error": torch.tensor(10.0)}, batch((RIGHT,) * (QUERIES + 3))[1], outputs)
     assert errors == {"class_error": (10.0, QUERIES)}
-    assert engine.class_errors({}, batch(())[1], outputs) == {}
+    assert errors_of({}, batch(())[1], outputs)[0] == {}
 
 
 # --------------------------------------------------------------------------- two processes
