@@ -36,6 +36,7 @@ def warn_if_capped(coco_gt, max_dets, kept=None, queries=None):
     the `queries` boxes it predicts per image (its one-to-one queries), whichever is fewer, else more of one category
     than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP, cannot reach 1."""
     crowdless = [a for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
+    remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
     if queries is not None and (kept is None or queries < kept):
         objects = Counter((a["image_id"],) for a in crowdless)
         limit, cap = queries, f"than the {queries} boxes the model predicts per image (--num_queries_one2one)"
@@ -43,12 +44,10 @@ def warn_if_capped(coco_gt, max_dets, kept=None, queries=None):
     elif kept is not None:  # keys (image id,), as the other branch's (image id, category id)
         objects = Counter((a["image_id"],) for a in crowdless)
         limit, cap = kept, f"than the {kept} detections kept per image (--topk)"
-        remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
     else:
         objects = Counter((a["image_id"], a["category_id"]) for a in crowdless)
         limit = max_dets
         cap = f"of one category than the {max_dets} detections per image and category COCO's AP counts (maxDets)"
-        remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
     dense = [key for key, count in objects.items() if count > limit]
     if dense and is_main_process():
         most = max(objects[key] for key in dense)
