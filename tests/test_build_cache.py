@@ -2,6 +2,10 @@
 with the same sources share one build, a change of any source, flag, architecture or torch version builds into
 another directory, so checkouts never rebuild each other's op."""
 import shutil
+import subprocess
+import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -58,3 +62,55 @@ def test_another_checkout_reuses_the_build_without_rebuilding(tmp_path):
     other = extension.load_cpu_extension(source_dir=checkout(tmp_path, "other"))
     assert other.__name__ == name and library.stat().st_mtime_ns == built
     assert callable(other.ms_deform_attn_forward)
+
+
+@pytest.mark.parametrize("waits_on_lock_file", [True, False])
+def test_a_lock_file_left_by_a_killed_build_is_removed(tmp_path, monkeypatch, waits_on_lock_file):
+    """torch 2.4-2.11 waits for ever while the build directory's `lock` file exists, and a build killed midway
+    leaves it: under the build lock (no live build) it is removed, with a warning. A torch that flocks that file
+    instead leaves it there harmlessly: it is kept."""
+    monkeypatch.setattr(build_cache, "torch_waits_on_lock_file", lambda: waits_on_lock_file)
+    stale = tmp_path / "build" / build_cache.TORCH_LOCK
+    stale.parent.mkdir()
+    stale.touch()
+    if waits_on_lock_file:
+        with pytest.warns(RuntimeWarning, match=r"Op: removed .*lock, left by a build that was interrupted"):
+            with build_cache.exclusive_build(stale.parent, "Op") as directory:
+                assert directory == stale.parent and not stale.exists()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with build_cache.exclusive_build(stale.parent, "Op"):
+                assert stale.exists()
+
+
+HOLDER = """
+import sys, time, filelock
+from pathlib import Path
+directory = Path(sys.argv[1])
+with filelock.FileLock(directory / "build.lock"):
+    (directory / "lock").touch()  # a live build of torch 2.11: its lock file exists while it builds
+    print("building", flush=True)
+    time.sleep(1.5)
+    (directory / "lock").unlink()
+"""
+
+
+def test_a_live_build_is_waited_for_not_broken_into(tmp_path, monkeypatch):
+    """Another process building in the directory holds the build lock: exclusive_build waits for it to finish,
+    and then finds no lock file to remove (no warning)."""
+    monkeypatch.setattr(build_cache, "torch_waits_on_lock_file", lambda: True)
+    directory = tmp_path / "build"
+    directory.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with build_cache.exclusive_build(directory, "Op"):
+                waited = time.perf_counter() - start
+                assert holder.wait(timeout=30) == 0  # it had finished before the lock was ours
+        assert waited > 0.5 and not (directory / build_cache.TORCH_LOCK).exists()
+    finally:
+        holder.kill()

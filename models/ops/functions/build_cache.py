@@ -3,16 +3,20 @@ else decides the binary (torch and CUDA versions, the Python ABI, compiler and f
 
 Two checkouts with the same sources share one build; checkouts with other sources (or another torch) get their
 own, instead of rebuilding each other's in turn. The sources are built from a copy in the build directory, so the
-build's commands (which name the source paths) are the same whichever checkout asks for it.
+build's commands (which name the source paths) are the same whichever checkout asks for it. One process builds in
+a directory at a time (exclusive_build), under a lock the kernel drops when its holder dies.
 """
+import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import sysconfig
 import tempfile
+import warnings
 from pathlib import Path
 
+import filelock
 import torch
 
 KEY_LENGTH = 16  # hex digits
@@ -67,3 +71,31 @@ def staged_sources(source_dir, build_directory):
     except OSError:  # another process staged it first: the same files
         shutil.rmtree(scratch, ignore_errors=True)
     return staged
+
+
+BUILD_LOCK = "build.lock"  # ours: an OS lock (flock), released by the kernel when its holder dies
+TORCH_LOCK = "lock"  # cpp_extension's: torch 2.4-2.11 waits while this file exists, 2.14 flocks it
+
+
+def torch_waits_on_lock_file():
+    """True when this torch's cpp_extension takes the build directory's lock by creating the file `lock` and
+    waits, without limit, while that file exists (FileBaton: torch 2.4-2.11, not 2.14): a killed build leaves it."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
+@contextlib.contextmanager
+def exclusive_build(build_directory, name):
+    """Hold build_directory's build lock (waiting while another process builds there); with a torch that waits on
+    a lock file, remove one that no live build holds, so that a build killed midway (Ctrl-C, a job's time limit,
+    out of memory) does not make every later run wait for ever. Every build of the ops goes through here."""
+    directory = Path(build_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(directory / BUILD_LOCK):
+        stale = directory / TORCH_LOCK
+        if torch_waits_on_lock_file() and stale.exists():
+            stale.unlink(missing_ok=True)
+            warnings.warn(f"{name}: removed {stale}, left by a build that was interrupted (this torch would have "
+                          "waited for it for ever); building again", RuntimeWarning, stacklevel=3)
+        yield directory

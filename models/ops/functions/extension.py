@@ -111,9 +111,10 @@ def load_extension(verbose=False, arch_list=None, build_directory=None, source_d
     if arch_list is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by cpp_extension when it writes the nvcc flags
     try:
-        return cpp_extension.load(
-            name=name, sources=extension_sources(staged), extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
-            build_directory=str(directory), verbose=verbose)
+        with build_cache.exclusive_build(directory, name):
+            return cpp_extension.load(
+                name=name, sources=extension_sources(staged), extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
+                build_directory=str(directory), verbose=verbose)
     finally:
         if arch_list is not None:
             if previous is None:
@@ -134,9 +135,10 @@ def load_cpu_extension(verbose=False, build_directory=None, source_dir=SOURCE_DI
     cpp_extension = _cpp_extension()
 
     name, directory, staged = cpu_build(source_dir, build_directory)
-    return cpp_extension.load(
-        name=name, sources=cpu_extension_sources(staged), extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"],
-        build_directory=str(directory), verbose=verbose)
+    with build_cache.exclusive_build(directory, name):
+        return cpp_extension.load(
+            name=name, sources=cpu_extension_sources(staged), extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(directory), verbose=verbose)
 
 
 def _import_prebuilt(name=EXTENSION_NAME):
