@@ -42,6 +42,7 @@ from util.checkpoint import evaluation_weights, load_checkpoint, load_finetune_s
 from util.download import DownloadError
 from util.output_dir import check_output_dir
 from util.preemption import Preempted
+from util.torch_release import untested_torch_note
 from util.training_state import (  # noqa: F401 (epoch_seed, resume_training_state: main's names, as before)
     epoch_seed,
     find_resume_checkpoint,
@@ -158,6 +159,9 @@ def load_weights(args, model, source, checkpoint):
 
 def main(args):
     """Train, or with --eval evaluate, as the parsed main.py `args` say; returns the last evaluation's stats."""
+    torch_note = untested_torch_note()
+    if torch_note:
+        print(torch_note)
     check_output_dir(args.output_dir)
     args = derived_settings(args)
     print(args)

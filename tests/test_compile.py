@@ -17,6 +17,7 @@ from model_helpers import SMALL, TWO_STAGE_HYBRID, build, hybrid_total, images, 
 
 from models.compile import compile_model
 from models.ops.functions import extension
+from util.torch_release import release
 
 FLAGS = SMALL + TWO_STAGE_HYBRID + ["--backbone", "resnet18", "--no_pretrained_backbone", "--dec_layers", "1"]
 
@@ -29,6 +30,9 @@ def test_compile_flag_is_off_by_default():
     assert parse([]).compile is False and parse(["--compile"]).compile is True
 
 
+@pytest.mark.xfail(release(torch.__version__) < (2, 14), strict=False,
+                   reason="torch 2.11's inductor gives the float64 attention's backward a float32 gradient (a "
+                          "float32 compiled step matches eager there); 2.14 passes")
 def test_compiled_model_matches_eager_in_training_and_evaluation():
     torch._dynamo.reset()
     model, criterion, postprocessors, args = build(FLAGS)
