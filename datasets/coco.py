@@ -4,7 +4,6 @@ import contextlib
 import io
 import os
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -13,7 +12,14 @@ from torch.utils.data import Dataset
 from util.image_io import decode_image, read_bytes
 from util.misc import get_local_rank, get_local_size, is_main_process
 
-from .coco_file import AnnotationWarning, annotation_error, load_coco_annotations, pycocotools, read_coco_json
+from .coco_file import (
+    AnnotationWarning,
+    annotation_error,
+    load_coco_annotations,
+    objects_by,
+    pycocotools,
+    read_coco_json,
+)
 from .transforms import make_coco_transforms
 from .tta import MultiScaleViews, tta_scales
 
@@ -238,8 +244,8 @@ def warn_if_more_objects_than_queries(coco, ann_file, queries):
     """A warning when training images hold more objects (crowd regions aside) than the model's `queries` one-to-one
     queries: Hungarian matching leaves the rest unmatched (trained as background) and the model never predicts more
     than `queries` boxes per image."""
-    objects = Counter(a["image_id"] for a in coco.anns.values() if not a.get("iscrowd", 0))
-    dense = sorted((count, image_id) for image_id, count in objects.items() if count > queries)
+    objects = objects_by(coco, "image_id")
+    dense = sorted((count, image_id) for (image_id,), count in objects.items() if count > queries)
     if dense and is_main_process():
         most, image_id = dense[-1]
         warnings.warn(f"{ann_file}: {len(dense)} training images have more objects than the {queries} one-to-one "

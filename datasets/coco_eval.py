@@ -4,13 +4,12 @@ import contextlib
 import copy
 import io
 import warnings
-from collections import Counter
 
 import numpy as np
 
 from util.misc import all_gather, is_main_process
 
-from .coco_file import AnnotationWarning, pycocotools
+from .coco_file import AnnotationWarning, objects_by, pycocotools
 
 SUPPORTED_IOU_TYPES = ("bbox",)
 # COCO's maxDets: the detections of one image and category its AP and AR count at most (the top-scoring ones)
@@ -35,19 +34,18 @@ def warn_if_capped(coco_gt, max_dets, kept=None, queries=None):
     `kept` detections the model keeps per image (--topk; when given, the tighter cap, as maxDets is at least it) or
     the `queries` boxes it predicts per image (its one-to-one queries), whichever is fewer, else more of one category
     than the `max_dets` per image and category COCO's AP counts. Their recall, hence AP, cannot reach 1."""
-    crowdless = [a for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
     remedy = "--topk {most} lifts the cap (above 100 it also raises maxDets; docs/data.md)"
+    fields = ("image_id",)  # the key's first field is the image in every branch
     if queries is not None and (kept is None or queries < kept):
-        objects = Counter((a["image_id"],) for a in crowdless)
         limit, cap = queries, f"than the {queries} boxes the model predicts per image (--num_queries_one2one)"
         remedy = "a model with more one-to-one queries lifts the cap"
-    elif kept is not None:  # keys (image id,), as the other branch's (image id, category id)
-        objects = Counter((a["image_id"],) for a in crowdless)
+    elif kept is not None:
         limit, cap = kept, f"than the {kept} detections kept per image (--topk)"
     else:
-        objects = Counter((a["image_id"], a["category_id"]) for a in crowdless)
+        fields = ("image_id", "category_id")
         limit = max_dets
         cap = f"of one category than the {max_dets} detections per image and category COCO's AP counts (maxDets)"
+    objects = objects_by(coco_gt, *fields)
     dense = [key for key, count in objects.items() if count > limit]
     if dense and is_main_process():
         most = max(objects[key] for key in dense)

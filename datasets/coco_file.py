@@ -324,6 +324,12 @@ def _normalised_boxes(annotations, image_sizes):
             "its height)")
 
 
+def objects_by(coco, *fields):
+    """Counter of a loaded file's objects (its annotations that are not crowd regions), keyed by the tuple of their
+    `fields` (("image_id",): per image; ("image_id", "category_id"): per image and category)."""
+    return Counter(tuple(ann[field] for field in fields) for ann in coco.anns.values() if not ann.get("iscrowd", 0))
+
+
 def _report_crowds(annotations, path):
     """One warning when most annotations are crowd regions (iscrowd 1, as some mask converters write for every
     RLE mask): training leaves them out and COCO's evaluation scores no detection against them."""
